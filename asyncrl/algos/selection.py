@@ -1,0 +1,62 @@
+"""Global token selection over a whole mini-batch, across micro-batches and ranks.
+
+Algorithms that regularise "the k tokens of the mini-batch with the lowest X"
+(Lp-Reg, 80/20, KL-Cov, Clip-Cov) all reduce to :func:`global_lowest`. Doing it
+once per mini-batch, over every rank, makes the chosen set independent of the
+micro-batch size and of the world size (LPREG.md 5.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from asyncrl.algos.base import AllGather
+
+
+def local_all_gather(t: Tensor) -> Tensor:
+    """The ``all_gather`` of a single process: the identity."""
+    return t
+
+
+def num_selected(fraction: float, total: int, *, at_least_one: bool) -> int:
+    """``floor(fraction * total)``, raised to 1 when ``at_least_one`` and there is
+    anything to select (LPREG.md 5.2: the reference's ``int(rho*N) > 1`` guard is
+    dropped so a small mini-batch still gets regularised)."""
+    if fraction <= 0.0 or total <= 0:
+        return 0
+    k = math.floor(fraction * total)
+    return max(k, 1) if at_least_one else k
+
+
+def global_lowest(
+    values: Tensor, candidates: Tensor, fraction: float, all_gather: AllGather, rank: int, *,
+    at_least_one: bool = True,
+) -> Tensor:
+    """Mark this rank's tokens among the ``k`` lowest ``values`` over all ranks' candidates.
+
+    ``values`` [N] and ``candidates`` [N] bool are this rank's tokens in global token
+    order; ``all_gather`` concatenates 1-D tensors (of possibly different lengths)
+    across ranks in rank order and ``rank`` is this rank's place in that order.
+    ``k = num_selected(fraction, total candidates)``. Ties are broken by global token
+    order (earlier wins), so the result is deterministic. Every rank must call this
+    with the same ``fraction`` (the collectives run in the same order everywhere).
+    Returns a bool mask [N].
+    """
+    local = values[candidates]  # (n_r,) this rank's candidates, in token order
+    counts = all_gather(torch.tensor([local.numel()], dtype=torch.int64, device=values.device))
+    k = num_selected(fraction, int(counts.sum()), at_least_one=at_least_one)
+    out = torch.zeros_like(candidates)
+    if k == 0:
+        return out
+    gathered = all_gather(local.contiguous())  # (total,) global candidate order
+    # stable sort: equal values keep their global order, so ties go to earlier tokens
+    chosen = torch.sort(gathered, stable=True).indices[:k]
+    offset = int(counts[:rank].sum())
+    mine = chosen[(chosen >= offset) & (chosen < offset + local.numel())] - offset
+    hit = torch.zeros(local.numel(), dtype=torch.bool, device=values.device)
+    hit[mine] = True
+    out[candidates] = hit
+    return out
