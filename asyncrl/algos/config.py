@@ -57,4 +57,88 @@ class LpRegConfig(_Algo, tag="lpreg"):
                 raise ValueError(f"algo.{name} must be in [0, 1], got {v}")
 
 
-AlgoConfig = GRPOConfig | LpRegConfig
+class ClipHigherConfig(_Algo, tag="clip_higher"):
+    """DAPO's Clip-Higher (Yu et al. 2025): GRPO with a wider upper clip, token-mean."""
+
+    clip_high: float = 0.28
+
+
+class DrGRPOConfig(_Algo, tag="dr_grpo"):
+    """Dr.GRPO (Liu et al. 2025): no std scaling, token sums over a constant length."""
+
+    agg: Agg = "seq-mean-token-sum-norm"
+    scale_advantages: bool = False
+
+
+class GSPOConfig(_Algo, tag="gspo"):
+    """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean
+    of its token ratios, clipped in a narrow band."""
+
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    agg: Agg = "seq-mean-token-mean"
+
+
+class EntropyBonusConfig(_Algo, tag="entropy_bonus"):
+    """GRPO minus ``coef`` times the (aggregated) current-policy token entropy."""
+
+    coef: float = 1e-3
+    """Entropy coefficient (the Lp-Reg paper does not state its value; veRL's examples use 1e-3)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.coef < 0.0:
+            raise ValueError(f"algo.coef must be >= 0, got {self.coef}")
+
+
+class EightyTwentyConfig(_Algo, tag="eighty_twenty"):
+    """Beyond the 80/20 rule (Wang et al. 2025): policy gradient only through the
+    highest-entropy tokens of the mini-batch; DAPO clip and token-mean."""
+
+    clip_high: float = 0.28
+    top_frac: float = 0.2
+    """Fraction of the mini-batch's valid tokens (highest entropy) that get a gradient."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.top_frac <= 1.0):
+            raise ValueError(f"algo.top_frac must be in (0, 1], got {self.top_frac}")
+
+
+class KLCovConfig(_Algo, tag="kl_cov"):
+    """KL-Cov (Cui et al. 2025): unclipped policy gradient plus ``coef * |lp - lp_old|``
+    on the ``ratio`` fraction of tokens with the largest (A - mean A)(lp - mean lp)."""
+
+    ratio: float = 2e-3
+    """Fraction of the mini-batch's valid tokens penalised (at least one)."""
+    coef: float = 1.0
+    """Coefficient of the |log-ratio| penalty."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.ratio <= 1.0):
+            raise ValueError(f"algo.ratio must be in (0, 1], got {self.ratio}")
+
+
+class ClipCovConfig(_Algo, tag="clip_cov"):
+    """Clip-Cov (Cui et al. 2025): clipped policy gradient with the gradient of a
+    ``ratio`` fraction of tokens removed, chosen among tokens whose covariance
+    (A - mean A)(lp - mean lp) lies in (cov_lb, cov_ub) and that PPO did not clip."""
+
+    ratio: float = 2e-4
+    """Fraction of the mini-batch's valid tokens detached (at least one)."""
+    cov_lb: float = 1.0
+    cov_ub: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.ratio <= 1.0):
+            raise ValueError(f"algo.ratio must be in (0, 1], got {self.ratio}")
+        if not self.cov_lb < self.cov_ub:
+            raise ValueError(f"algo.cov_lb must be < algo.cov_ub, got {self.cov_lb} >= {self.cov_ub}")
+
+
+AlgoConfig = (
+    GRPOConfig | LpRegConfig | ClipHigherConfig | DrGRPOConfig | GSPOConfig
+    | EntropyBonusConfig | EightyTwentyConfig | KLCovConfig | ClipCovConfig
+)

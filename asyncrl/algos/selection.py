@@ -31,25 +31,37 @@ def num_selected(fraction: float, total: int, *, at_least_one: bool) -> int:
     return max(k, 1) if at_least_one else k
 
 
+def global_sums(values: Tensor, all_gather: AllGather) -> Tensor:
+    """Sum of a small 1-D float tensor over ranks (float64, rank order)."""
+    v = values.to(torch.float64).reshape(-1)
+    return all_gather(v).reshape(-1, v.numel()).sum(dim=0)
+
+
 def global_lowest(
     values: Tensor, candidates: Tensor, fraction: float, all_gather: AllGather, rank: int, *,
     at_least_one: bool = True,
 ) -> Tensor:
+    """Mark this rank's tokens among the ``k`` lowest ``values`` over all ranks'
+    candidates, ``k = num_selected(fraction, number of candidates)``; see :func:`lowest_k`."""
+    total = int(all_gather(candidates.sum().reshape(1).to(torch.int64)).sum())
+    return lowest_k(values, candidates, num_selected(fraction, total, at_least_one=at_least_one),
+                    all_gather, rank)
+
+
+def lowest_k(values: Tensor, candidates: Tensor, k: int, all_gather: AllGather, rank: int) -> Tensor:
     """Mark this rank's tokens among the ``k`` lowest ``values`` over all ranks' candidates.
 
     ``values`` [N] and ``candidates`` [N] bool are this rank's tokens in global token
     order; ``all_gather`` concatenates 1-D tensors (of possibly different lengths)
-    across ranks in rank order and ``rank`` is this rank's place in that order.
-    ``k = num_selected(fraction, total candidates)``. Ties are broken by global token
-    order (earlier wins), so the result is deterministic. Every rank must call this
-    with the same ``fraction`` (the collectives run in the same order everywhere).
+    across ranks in rank order and ``rank`` is this rank's place in that order. ``k``
+    must be the same on every rank (it is capped by the number of candidates). Ties
+    are broken by global token order (earlier wins), so the result is deterministic.
     Returns a bool mask [N].
     """
     local = values[candidates]  # (n_r,) this rank's candidates, in token order
     counts = all_gather(torch.tensor([local.numel()], dtype=torch.int64, device=values.device))
-    k = num_selected(fraction, int(counts.sum()), at_least_one=at_least_one)
     out = torch.zeros_like(candidates)
-    if k == 0:
+    if k <= 0 or int(counts.sum()) == 0:
         return out
     gathered = all_gather(local.contiguous())  # (total,) global candidate order
     # stable sort: equal values keep their global order, so ties go to earlier tokens

@@ -1,0 +1,113 @@
+"""One optimisation mini-batch on one rank: the learner's side of the contract in
+``asyncrl.algos.base``, as a function the learner calls (and the invariance test
+exercises).
+
+Per mini-batch: global normalisers (one small all_gather), then, if the algorithm
+selects tokens, one no-grad pass over the whole share with the current weights and
+a single ``select``; then the micro-batch loop (forward with grad, ``loss``,
+backward). The caller owns the optimiser step and the gradient all-reduce.
+
+Every rank's loss is its share of the global loss (the normalisers are global), so
+gradients must be SUMMED across ranks, not averaged: with FSDP2 call
+``model.set_gradient_divide_factor(1.0)`` (or scale the loss by the world size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from asyncrl.algos.base import AllGather, Algorithm, LossInputs, SelectInputs
+from asyncrl.algos.selection import global_sums
+
+Forward = Callable[[slice], tuple[Tensor, Tensor | None]]
+"""rows -> (logprobs [b, T], entropy [b, T] or None) of those rows under the current
+weights; with gradient unless called under ``torch.no_grad``."""
+
+Backward = Callable[[Tensor, bool], None]
+"""(micro-batch loss, is_last_micro_batch) -> None; lets FSDP skip gradient sync."""
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """This rank's contiguous share of one mini-batch, [B, T] per token, no grad."""
+
+    old_logprobs: Tensor
+    advantages: Tensor  # per token (the sample advantage broadcast over its tokens)
+    mask: Tensor  # bool, valid response tokens
+    proxy_logprobs: Tensor | None = None  # -inf where filtered, if the algorithm needs_proxy
+    is_weights: Tensor | None = None  # truncated importance weights
+
+
+def _backward(loss: Tensor, last: bool) -> None:
+    loss.backward()
+
+
+def global_normalisers(mask: Tensor, all_gather: AllGather) -> tuple[float, float]:
+    """(valid tokens, sequences with at least one valid token) over all ranks."""
+    local = torch.stack([mask.sum(), mask.any(dim=-1).sum()]).to(torch.float64)
+    num_tokens, num_seqs = global_sums(local, all_gather).tolist()
+    return num_tokens, num_seqs
+
+
+def select_minibatch(
+    algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
+    all_gather: AllGather, rank: int,
+) -> Tensor:
+    """int8 codes [B, T] from one global ``select`` over the whole mini-batch."""
+    B = batch.mask.shape[0]
+    with torch.no_grad():
+        outs = [forward(slice(i, min(i + micro_batch_size, B))) for i in range(0, B, micro_batch_size)]
+    lp = torch.cat([o[0] for o in outs]) if outs else batch.old_logprobs
+    ent = torch.cat([o[1] for o in outs]) if algo.needs_entropy and outs else None
+    m = batch.mask
+    codes = algo.select(SelectInputs(
+        logprobs=lp[m], old_logprobs=batch.old_logprobs[m], advantages=batch.advantages[m],
+        entropy=None if ent is None else ent[m],
+        proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[m], rank=rank,
+    ), all_gather)
+    selected = torch.zeros(m.shape, dtype=torch.int8, device=m.device)
+    selected[m] = codes
+    return selected
+
+
+def run_minibatch(
+    algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
+    all_gather: AllGather, rank: int, max_len: float = 0.0, backward: Backward = _backward,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Accumulate this rank's gradient for one mini-batch.
+
+    Returns (metrics summed over this rank's micro-batches — sum them over ranks too —,
+    the selection codes [B, T] or None). ``max_len`` is the run's max response length,
+    needed by ``seq-mean-token-sum-norm``. Every rank must call this the same number
+    of times (select and the normalisers are collectives), even with an empty share.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    num_tokens, num_seqs = global_normalisers(batch.mask, all_gather)
+    selected = None
+    if algo.needs_selection:
+        selected = select_minibatch(algo, batch, forward, micro_batch_size=micro_batch_size,
+                                    all_gather=all_gather, rank=rank)
+    B = batch.mask.shape[0]
+    metrics: dict[str, Tensor] = {}
+    starts = range(0, B, micro_batch_size)
+    for n, i in enumerate(starts):
+        rows = slice(i, min(i + micro_batch_size, B))
+        lp, ent = forward(rows)
+        loss, m = algo.loss(LossInputs(
+            logprobs=lp, old_logprobs=batch.old_logprobs[rows], advantages=batch.advantages[rows],
+            mask=batch.mask[rows], num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
+            entropy=ent,
+            proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[rows],
+            selected=None if selected is None else selected[rows],
+            is_weights=None if batch.is_weights is None else batch.is_weights[rows],
+        ))
+        backward(loss, n == len(starts) - 1)
+        m = {"loss/total": loss.detach(), **m}
+        for k, v in m.items():
+            metrics[k] = metrics[k] + v if k in metrics else v
+    return metrics, selected
