@@ -14,8 +14,12 @@ needs and turns them into a scalar loss. Per optimisation mini-batch the learner
    token order (used to break ties deterministically);
 3. splits the mini-batch into micro-batches and calls :meth:`Algorithm.loss` on
    each, with ``num_tokens`` / ``num_seqs`` of the *whole* mini-batch (all
-   micro-batches, all ranks), sums ``loss.backward()`` over micro-batches and
-   all-reduces gradients (FSDP2 does this).
+   micro-batches, all ranks) and ``max_len`` (the run's max response length, for
+   ``seq-mean-token-sum-norm``), sums ``loss.backward()`` over micro-batches and
+   all-reduces gradients with a SUM (each rank's loss is already its share of the
+   global loss: with FSDP2 set ``set_gradient_divide_factor(1.0)``).
+
+``asyncrl.algos.minibatch.run_minibatch`` implements steps 2-3 for one rank.
 
 Because normalisers and selection are global, the gradient does not depend on the
 micro-batch size or the world size. Every metric returned by ``loss`` must be

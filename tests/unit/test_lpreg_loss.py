@@ -183,9 +183,10 @@ def test_codes_from_select():
     from asyncrl.algos.lpreg import lpreg_select
     from asyncrl.algos.selection import local_all_gather
 
-    lp = torch.tensor([-5.0, -4.0, -1.0, -6.0])
-    x = SelectInputs(logprobs=lp, old_logprobs=lp, advantages=torch.tensor([-1.0, -1.0, -1.0, 1.0]),
-                     entropy=None, proxy_logprobs=torch.tensor([-1.0, -9.0, 0.0, 0.0]))
-    codes = lpreg_select(x, local_all_gather, rho=0.67, rho_pos=0.0)  # k = floor(2.01) = 2
+    lp = torch.tensor([-5.0, -4.0, -1.0, -6.0, -4.5])
+    x = SelectInputs(logprobs=lp, old_logprobs=lp, advantages=torch.tensor([-1.0, -1.0, -1.0, 1.0, -1.0]),
+                     entropy=None, proxy_logprobs=torch.tensor([-1.0, -9.0, 0.0, 0.0, -4.5]))
+    codes = lpreg_select(x, local_all_gather, rho=0.75, rho_pos=0.0)  # k = 3 of 4 negatives
     assert codes.dtype == torch.int8
-    assert codes.tolist() == [REG_NEG, SCREENED_NEG, 0, 0]
+    # lp == proxy is not strictly below: screened, not regularised
+    assert codes.tolist() == [REG_NEG, SCREENED_NEG, 0, 0, SCREENED_NEG]

@@ -77,3 +77,21 @@ def test_filtered_is_minus_inf_and_kept_is_above_policy():
     assert (~kept).any() and kept.any()
     assert (got[kept] >= lp[kept]).all()  # renormalising only adds mass
     assert (got[~kept] == -math.inf).all()
+
+
+@pytest.mark.parametrize("chunk", [64, 500])  # neither divides V = 1009
+@pytest.mark.parametrize("kappa", [0.0, 0.02, 1.0])
+def test_chunked_kernel_agrees_with_dense(chunk, kappa):
+    """The learner's chunked kernel has the semantics of this dense reference."""
+    from asyncrl.kernels import torch_chunked
+
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(24, 16, generator=g) * 2
+    weight = torch.randn(1009, 16, generator=g)
+    targets = torch.randint(0, 1009, (24,), generator=g)
+    targets[::2] = (hidden @ weight.T).argmax(-1)[::2]
+    dense = minp_proxy_logprobs(hidden @ weight.T, targets, kappa, 0.7)
+    got = torch_chunked.proxy_logprobs(hidden, weight, targets, kappa, 0.7, chunk=chunk)
+    assert torch.equal(torch.isinf(got), torch.isinf(dense))
+    fin = torch.isfinite(dense)
+    torch.testing.assert_close(got[fin], dense[fin], rtol=1e-5, atol=1e-5)
