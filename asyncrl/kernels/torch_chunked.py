@@ -17,9 +17,9 @@ import torch
 
 IGNORE_INDEX = -100
 
-# Elements of one [N, chunk] float32 buffer; ~32 MiB keeps the CPU matmuls
+# Elements of one [N, chunk] float32 buffer; ~16 MiB keeps the CPU matmuls
 # efficient while bounding memory (tuned with benchmarks/kernels.py).
-_CHUNK_ELEMS = 1 << 23
+_CHUNK_ELEMS = 1 << 22
 # Tests set this to force many small (ragged) chunks.
 CHUNK_OVERRIDE: int | None = None
 
