@@ -1,0 +1,258 @@
+"""Typed run configuration: YAML + dotted overrides -> validated msgspec Structs.
+
+Nothing here imports torch, so ``python -m asyncrl.launch --help`` and config errors
+are instant. Every section forbids unknown keys; errors name the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from asyncrl.algos.config import AlgoConfig, GRPOConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that says what to write instead."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class RunConfig(_Section):
+    dir: str = "runs/quickstart"
+    """Run directory: resolved config.yaml, metrics.jsonl, checkpoints/, logs/."""
+    overwrite: bool = False
+    """Allow a run directory that already holds a run (its metrics.jsonl is replaced)."""
+    seed: int = 0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <dir>/tensorboard (needs tensorboard)."""
+    wandb: bool = False
+    """Also log to Weights & Biases in offline mode (needs wandb)."""
+    console: bool = True
+    """Live progress line on the terminal."""
+
+
+class ModelConfig(_Section):
+    path: str = "builtin:quickstart-base"
+    """A Hugging Face model directory, or builtin:NAME for a model shipped in asyncrl/assets."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TaskConfig(_Section):
+    name: Literal["arith"] = "arith"
+    terms: int = 3
+    digits: int = 3
+    eval_size: int = 512
+    """Held-out problems (a seed disjoint from training)."""
+
+
+class GeneratorConfig(_Section):
+    engine: Literal["hf"] = "hf"
+    num_workers: int = 1
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    threads: int = 2
+    """torch intra-op threads per generator process."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("generator.num_workers must be >= 1")
+        if self.samples_per_prompt < 1:
+            raise ValueError("generator.samples_per_prompt must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("generator.temperature must be > 0 (greedy is not supported for RL)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("generator.top_p must be in (0, 1]")
+
+
+class LearnerConfig(_Section):
+    world_size: int = 1
+    """Learner ranks (torch.distributed: gloo on CPU, NCCL on GPU), FSDP2 over all."""
+    steps: int = 200
+    """Rollout batches to train on (the policy version after training)."""
+    prompts_per_step: int = 32
+    ppo_mini_batches: int = 1
+    """Optimiser steps per rollout batch (1 = on-policy, the paper's 8 = off-policy)."""
+    micro_batch_size: int = 256
+    """Samples per forward/backward on one rank (gradient accumulation above that)."""
+    max_staleness: int = 0
+    """0 = strictly on-policy; k = generation may run k versions ahead."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    threads: int = 2
+    """torch intra-op threads per learner rank."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only before training and at the end)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "steps", "prompts_per_step", "ppo_mini_batches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"learner.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            raise ValueError("learner.max_staleness must be >= 0")
+        if self.lr <= 0:
+            raise ValueError("learner.lr must be > 0")
+
+
+class TransportConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface the learner binds; 127.0.0.1 keeps everything on this machine."""
+    port: int = 0
+    """0 = pick a free port."""
+    timeout_s: float = 600.0
+    """Give up with an error if no trajectory arrives for this long."""
+
+
+class Config(_Section):
+    run: RunConfig = msgspec.field(default_factory=RunConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    task: TaskConfig = msgspec.field(default_factory=TaskConfig)
+    generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
+    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    algo: AlgoConfig = msgspec.field(default_factory=GRPOConfig)
+    transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+
+    def __post_init__(self) -> None:
+        lc = self.learner
+        mini = lc.prompts_per_step // lc.ppo_mini_batches
+        if lc.prompts_per_step % (lc.ppo_mini_batches * lc.world_size):
+            raise ValueError(
+                f"learner.prompts_per_step ({lc.prompts_per_step}) must be divisible by "
+                f"learner.ppo_mini_batches * learner.world_size ({lc.ppo_mini_batches * lc.world_size}) "
+                "so every rank gets whole prompt groups in every mini-batch"
+            )
+        if mini < 1:
+            raise ValueError("learner.ppo_mini_batches must be <= learner.prompts_per_step")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path to a YAML file, or the name of a config shipped in asyncrl/configs."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {name} does not exist")
+        return p
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named {name!r}: give a YAML path or one of {known}")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string; accept it as a float like YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like a.b.c=value")
+    key, _, value = dotted.partition("=")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def _struct_for_path(path: list[str]) -> type | None:
+    """The Struct type found at a dotted path in Config (None if unknown)."""
+    tp: Any = Config
+    for part in path:
+        fields = {f.name: f.type for f in msgspec.structs.fields(tp)} if isinstance(tp, type) else {}
+        if part not in fields:
+            return None
+        tp = fields[part]
+    return tp if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else None
+
+
+def _explain(err: msgspec.ValidationError, tree: dict) -> str:
+    msg = str(err)
+    m = re.search(r"- at `\$\.?([^`]*)`", msg)
+    where = m.group(1).replace("[", ".").replace("]", "") if m else ""
+    head = msg.split(" - at ")[0]
+    unknown = re.search(r"unknown field `([^`]+)`", head)
+    if unknown:
+        key = unknown.group(1)
+        path = [p for p in where.split(".") if p]
+        section = _struct_for_path(path)
+        if section is None and path and path[-1] == "algo":
+            algo = tree.get("algo", {}) if isinstance(tree.get("algo"), dict) else {}
+            section = next((t for t in AlgoConfig.__args__ if t.__struct_config__.tag == algo.get("type", "grpo")), None)
+        valid = [f.name for f in msgspec.structs.fields(section)] if section else []
+        full = ".".join(path + [key])
+        hint = difflib.get_close_matches(key, valid, n=1)
+        fix = f"did you mean {'.'.join(path + [hint[0]])}?" if hint else f"valid keys here: {', '.join(valid)}"
+        return f"config error: unknown key {full}; {fix}"
+    if "Invalid value" in head and "type" in where.split(".")[-1:]:
+        tags = [t.__struct_config__.tag for t in AlgoConfig.__args__]
+        return f"config error: {where}: {head}; write one of: {', '.join(tags)}"
+    expected = re.match(r"Expected `([^`]+)`, got `([^`]+)`", head)
+    if expected:
+        return (
+            f"config error: {where} expects {expected.group(1)}, got {expected.group(2)}; "
+            f"write e.g. {where}=<{expected.group(1)}>"
+        )
+    return f"config error at {where or 'top level'}: {head}"
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (path or shipped name), apply dotted overrides, validate."""
+    path = resolve_config_path(name)
+    tree = _yaml_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for ov in overrides:
+        apply_override(tree, ov)
+    try:
+        return msgspec.convert(tree, Config)
+    except msgspec.ValidationError as err:
+        raise ConfigError(_explain(err, tree)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+
+
+def from_yaml_file(path: str | Path) -> Config:
+    """Read a resolved config written by :func:`to_yaml` (roles start from it)."""
+    return msgspec.convert(yaml.safe_load(Path(path).read_text()), Config)

@@ -1,0 +1,47 @@
+"""The ``Engine`` protocol: what a generator worker needs from an inference engine.
+
+Backends (``hf``, ``vllm``, ``sglang``) live in their own modules and are chosen by
+``generator.engine``; only the chosen backend's module is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int  # samples per prompt
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()  # generation of a sample ends after any of these
+
+
+@dataclass
+class Completion:
+    """One sampled answer. ``logprobs[i]`` is log p(token_ids[i]) under the sampling
+    distribution (after temperature and top-p), ``versions[i]`` the policy version
+    of the weights that sampled token i."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+class Engine(Protocol):
+    version: int  # policy version of the weights currently loaded
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """For each prompt (token ids), ``params.n`` completions."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Replace the weights in place (HF parameter names) and clear any caches."""
+        ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,91 @@
+"""The ``hf`` engine: batched sampling with a KV cache over a transformers causal LM.
+
+Plain PyTorch, runs anywhere. Returns, per sampled token, the log-probability under
+the distribution it was sampled from (temperature and top-p applied), which is what
+importance weights against the behaviour policy need.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+from asyncrl.generator.engine import Completion, SamplingParams
+
+
+def sampling_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Log-probs [B, V] of the sampling distribution: softmax(logits / T) restricted to
+    the smallest set of tokens whose mass reaches top_p, renormalised."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, idx = logp.sort(dim=-1, descending=True)
+    # mass strictly before each token < top_p  <=> the token is inside the nucleus
+    before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+class HFEngine:
+    def __init__(self, model: PreTrainedModel, pad_id: int, seed: int = 0, version: int = 0) -> None:
+        self.model = model.eval()
+        self.pad_id = pad_id
+        self.version = version
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        rows = [p for p in prompts for _ in range(params.n)]
+        B, P = len(rows), max(len(p) for p in rows)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P), dtype=torch.long)
+        for i, p in enumerate(rows):  # left padding keeps the last prompt token at column P-1
+            ids[i, P - len(p) :] = torch.tensor(p)
+            attn[i, P - len(p) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
+        out_tok = torch.empty((B, params.max_tokens), dtype=torch.long, device=self.device)
+        out_lp = torch.empty((B, params.max_tokens), dtype=torch.float32, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        lengths = torch.full((B,), params.max_tokens, dtype=torch.long, device=self.device)
+        step_ids, step_pos = ids, pos
+        for t in range(params.max_tokens):
+            logits = self.model(
+                input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+            logp = sampling_logprobs(logits, params.temperature, params.top_p)
+            tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
+            out_tok[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+            newly = ~done & torch.isin(tok, stop)
+            lengths[newly] = t + 1
+            done |= newly
+            if bool(done.all()):
+                break
+            step_ids = tok.masked_fill(done, self.pad_id)[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            attn = torch.cat([attn, (~done).long()[:, None]], dim=-1)
+        tok_l, lp_l, len_l, done_l = out_tok.tolist(), out_lp.tolist(), lengths.tolist(), done.tolist()
+        comps = [
+            Completion(tok_l[i][: len_l[i]], lp_l[i][: len_l[i]], [self.version] * len_l[i], "stop" if done_l[i] else "length")
+            for i in range(B)
+        ]
+        return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))  # tied names too
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"weight update names unknown parameter {name!r}")
+            params[name].copy_(tensor)
+        self.version = version
+
+    def shutdown(self) -> None:
+        pass

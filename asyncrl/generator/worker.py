@@ -1,0 +1,109 @@
+"""The generator role: one process per worker, started by ``asyncrl.launch``.
+
+Takes prompt groups from the learner, samples ``n`` answers per prompt with its
+engine, scores them with the verifier of the row's ``data_source`` and sends one
+``TrajectoryGroup`` per prompt. Weight updates are applied between batches; a batch
+that asks for a newer version than the engine has waits for those weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asyncrl.config import Config, from_yaml_file
+from asyncrl.generator.engine import Engine, SamplingParams
+from asyncrl.logs import setup_logging
+from asyncrl.tasks import verify
+from asyncrl.wire.codec import SampleArrays, trajectory_frames, weight_tensors
+from asyncrl.wire.schema import Hello, Prompts, SampleMeta, Shutdown, TrajectoryGroup, WeightUpdate
+from asyncrl.wire.transport import GeneratorEndpoint
+
+log = logging.getLogger("asyncrl.generator")
+
+
+def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
+    from asyncrl.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model.path)
+    if cfg.generator.engine == "hf":
+        from asyncrl.generator.hf import HFEngine
+
+        model = load_model(cfg.model.path, cfg.model.dtype)
+        return HFEngine(model, pad_id=tok.pad_token_id, seed=cfg.run.seed * 1000 + worker_id), tok
+    raise ValueError(f"generator.engine {cfg.generator.engine!r} is not available")
+
+
+def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int) -> list[tuple[TrajectoryGroup, list]]:
+    t0 = time.time()
+    params = SamplingParams(n=msg.n, max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                            stop_token_ids=(tok.eos_token_id,))
+    outs = engine.generate([g.prompt_ids for g in msg.groups], params)
+    dt = time.time() - t0
+    results = []
+    for g, comps in zip(msg.groups, outs):
+        metas, arrays = [], []
+        for c in comps:
+            text = tok.decode(c.token_ids, skip_special_tokens=True)
+            metas.append(SampleMeta(num_tokens=len(c.token_ids), reward=verify(g.data_source, text, g.ground_truth),
+                                    finish_reason=c.finish_reason))
+            arrays.append(SampleArrays(np.asarray(c.token_ids, np.int32), np.asarray(c.logprobs, np.float32),
+                                       np.asarray(c.versions, np.int32)))
+        header = TrajectoryGroup(group_id=g.group_id, worker_id=worker_id, data_source=g.data_source,
+                                 prompt_ids=g.prompt_ids, samples=metas, purpose=msg.purpose, gen_seconds=dt)
+        results.append((header, trajectory_frames(arrays)))
+    return results
+
+
+def serve(engine: Engine, tok, link: GeneratorEndpoint, worker_id: int, stop) -> None:
+    pending: deque[Prompts] = deque()
+    while not stop():
+        got = link.recv(timeout_s=1.0)
+        if got is not None:
+            msg, frames = got
+            if isinstance(msg, Shutdown):
+                log.info("shutdown: %s", msg.reason)
+                return
+            if isinstance(msg, WeightUpdate):
+                t0 = time.time()
+                engine.load_weights(weight_tensors(msg, frames), msg.version)
+                log.debug("loaded weights v%d in %.3fs", msg.version, time.time() - t0)
+            elif isinstance(msg, Prompts):
+                pending.append(msg)
+        while pending and pending[0].min_version <= engine.version:
+            for header, frames in run_prompts(engine, tok, pending.popleft(), worker_id):
+                link.send(header, frames)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="asyncrl generator worker (started by asyncrl.launch)")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--worker-id", type=int, required=True)
+    ap.add_argument("--address", required=True)
+    args = ap.parse_args(argv)
+    cfg = from_yaml_file(Path(args.run_dir) / "config.yaml")
+    setup_logging(args.run_dir, f"generator{args.worker_id}", cfg.run.log_level)
+    stopping = []
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    torch.set_num_threads(cfg.generator.threads)
+    torch.manual_seed(cfg.run.seed * 1000 + args.worker_id)
+    engine, tok = build_engine(cfg, args.worker_id)
+    link = GeneratorEndpoint(args.address, args.worker_id)
+    link.send(Hello(worker_id=args.worker_id, version=engine.version))
+    try:
+        serve(engine, tok, link, args.worker_id, stop=lambda: bool(stopping))
+    finally:
+        link.close()
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Start a run: ``python -m asyncrl.launch CONFIG.yaml [a.b.c=value ...]``.
+
+CONFIG is a YAML path or the name of a shipped config (``quickstart``). The config is
+validated before anything starts (and before torch is imported, so errors and
+``--help`` are instant), written resolved to ``<run.dir>/config.yaml``, and then the
+roles start as local processes: learner ranks (torch.distributed) and generator
+workers. Ctrl-C drains (the learner finishes its step and saves a checkpoint) and
+exits 0; a role that fails stops the others and launch exits non-zero with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from asyncrl.config import Config, ConfigError, load_config, to_yaml
+
+log = logging.getLogger("asyncrl.launch")
+
+
+@dataclass
+class Role:
+    name: str
+    proc: subprocess.Popen
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
+    run_dir = Path(cfg.run.dir)
+    if (run_dir / "metrics.jsonl").exists() and not cfg.run.overwrite:
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; choose another run.dir=... or pass run.overwrite=true"
+        )
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if cfg.transport.port == 0:
+        cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, port=free_port(cfg.transport.host)))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return cfg, run_dir
+
+
+def start_roles(cfg: Config, run_dir: Path) -> list[Role]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port("127.0.0.1")),
+               WORLD_SIZE=str(cfg.learner.world_size), PYTHONUNBUFFERED="1")
+    roles = []
+    for rank in range(cfg.learner.world_size):
+        cmd = [sys.executable, "-m", "asyncrl.learner.main", "--run-dir", str(run_dir)]
+        roles.append(Role(f"learner{rank}", subprocess.Popen(
+            cmd, env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)))
+    address = f"tcp://{cfg.transport.host}:{cfg.transport.port}"
+    for w in range(cfg.generator.num_workers):
+        cmd = [sys.executable, "-m", "asyncrl.generator.worker", "--run-dir", str(run_dir), "--worker-id", str(w),
+               "--address", address]
+        roles.append(Role(f"generator{w}", subprocess.Popen(cmd, env=env, start_new_session=True)))
+    return roles
+
+
+def _log_tail(run_dir: Path, role: str, lines: int = 15) -> str:
+    path = run_dir / "logs" / f"{role}.log"
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
+    """Wait for the run; return launch's exit code."""
+    stopping: list[float] = []
+
+    def on_signal(signum, _frame):
+        if stopping:  # second Ctrl-C: do not wait any longer
+            for r in roles:
+                r.proc.kill()
+            return
+        stopping.append(time.monotonic())
+        log.info("stopping: the learner finishes its step and saves a checkpoint (Ctrl-C again to kill)")
+        for r in roles:
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    learner0 = roles[0]
+    while True:
+        time.sleep(0.2)
+        failed = [r for r in roles if r.proc.poll() not in (None, 0)]
+        early = [r for r in roles[1:] if r.proc.poll() == 0 and learner0.proc.poll() is None and not stopping]
+        if failed or early:
+            bad = (failed or early)[0]
+            log.error("%s exited with code %s; stopping the run. Last lines of its log:\n%s",
+                      bad.name, bad.proc.returncode, _log_tail(run_dir, bad.name))
+            _terminate(roles)
+            return 1
+        if learner0.proc.poll() == 0 or all(r.proc.poll() is not None for r in roles):
+            deadline = time.monotonic() + 30
+            while any(r.proc.poll() is None for r in roles) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _terminate(roles)
+            codes = {r.name: r.proc.returncode for r in roles}
+            bad = [n for n, c in codes.items() if c not in (0, -signal.SIGTERM)]
+            if bad:
+                log.error("roles exited with errors: %s", {n: codes[n] for n in bad})
+                return 1
+            return 0
+        if stopping and time.monotonic() - stopping[0] > grace_s:
+            log.error("roles did not stop within %.0fs after Ctrl-C; killing them", grace_s)
+            _terminate(roles)
+            return 1
+
+
+def _terminate(roles: list[Role]) -> None:
+    for r in roles:
+        if r.proc.poll() is None:
+            r.proc.terminate()
+    deadline = time.monotonic() + 10
+    for r in roles:
+        try:
+            r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m asyncrl.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML path or shipped config name (e.g. quickstart)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 algo.type=lpreg")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg, run_dir = prepare_run_dir(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("run directory %s: %d learner rank(s), %d generator(s), algo %s",
+             run_dir, cfg.learner.world_size, cfg.generator.num_workers, cfg.algo.__struct_config__.tag)
+    roles = start_roles(cfg, run_dir)
+    code = supervise(roles, run_dir)
+    if code == 0:
+        log.info("done: metrics in %s, checkpoints in %s", run_dir / "metrics.jsonl", run_dir / "checkpoints")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

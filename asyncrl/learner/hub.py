@@ -1,0 +1,135 @@
+"""Rank 0's link to the generator workers: hand out prompt groups, collect trajectory
+groups, publish weights. Admission control lives here (see ``request``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from asyncrl.config import Config
+from asyncrl.tasks import Task
+from asyncrl.wire.codec import SampleArrays, trajectory_arrays, weight_frames
+from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
+from asyncrl.wire.transport import LearnerEndpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """A received prompt group with its decoded sample arrays."""
+
+    msg: TrajectoryGroup
+    samples: list[SampleArrays]
+
+    @property
+    def oldest_version(self) -> int:
+        return min(int(s.versions.min()) for s in self.samples if len(s.versions))
+
+
+class RolloutHub:
+    def __init__(self, cfg: Config, endpoint: LearnerEndpoint, task: Task, tokenizer,
+                 stop: Callable[[], bool] = lambda: False) -> None:
+        self.cfg, self.ep, self.task, self.tok, self.stop = cfg, endpoint, task, tokenizer, stop
+        self.workers: list[bytes] = []
+        self.next_worker = 0
+        self.train_index = 0  # data position: the next training problem
+        self.in_flight = 0
+
+    def wait_for_workers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.workers) < self.cfg.generator.num_workers:
+            got = self.ep.recv(timeout_s=max(0.0, deadline - time.monotonic()))
+            if got is None:
+                raise TimeoutError(
+                    f"only {len(self.workers)}/{self.cfg.generator.num_workers} generators said hello "
+                    f"within {timeout_s:.0f}s; see the generator logs in {self.cfg.run.dir}/logs"
+                )
+            peer, msg, _ = got
+            if isinstance(msg, Hello) and peer not in self.workers:
+                self.workers.append(peer)
+                log.info("generator %d connected (version %d)", msg.worker_id, msg.version)
+
+    def _groups(self, problems) -> list[PromptGroup]:
+        return [
+            PromptGroup(group_id=gid, prompt_ids=self.tok(p.prompt)["input_ids"], ground_truth=p.ground_truth,
+                        data_source=p.data_source)
+            for gid, p in problems
+        ]
+
+    def request(self, num_groups: int, min_version: int) -> None:
+        """Send the next ``num_groups`` training prompts, spread over the workers."""
+        g = self.cfg.generator
+        problems = []
+        for _ in range(num_groups):
+            problems.append((self.train_index, self.task.sample(self.cfg.run.seed, self.train_index)))
+            self.train_index += 1
+        self._send(self._groups(problems), min_version, g.samples_per_prompt, g.temperature, "train")
+        self.in_flight += num_groups
+
+    def _send(self, groups: list[PromptGroup], min_version: int, n: int, temperature: float, purpose: str) -> None:
+        g = self.cfg.generator
+        W = len(self.workers)
+        for w in range(W):  # contiguous chunks keep each worker's batch large
+            part = groups[w * len(groups) // W : (w + 1) * len(groups) // W]
+            if part:
+                msg = Prompts(groups=part, min_version=min_version, n=n, temperature=temperature,
+                              top_p=g.top_p, max_tokens=g.max_tokens, purpose=purpose)
+                self.ep.send(self.workers[(self.next_worker + w) % W], msg)
+        self.next_worker = (self.next_worker + 1) % W
+
+    def collect(self, num_groups: int, purpose: str = "train") -> list[Group] | None:
+        """Block until ``num_groups`` groups arrived; None if a stop was requested."""
+        out: list[Group] = []
+        timeout = self.cfg.transport.timeout_s
+        last = time.monotonic()
+        while len(out) < num_groups:
+            if self.stop():
+                return None
+            got = self.ep.recv(timeout_s=1.0)  # short polls keep Ctrl-C responsive
+            if got is None and time.monotonic() - last < timeout:
+                continue
+            if got is None:
+                raise TimeoutError(
+                    f"no trajectories for {timeout:.0f}s ({len(out)}/{num_groups} groups received); "
+                    "a generator may be stuck or dead: see its log in the run directory"
+                )
+            last = time.monotonic()
+            _, msg, frames = got
+            if not isinstance(msg, TrajectoryGroup) or msg.purpose != purpose:
+                log.warning("unexpected %s message while collecting %s groups; dropped", type(msg).__name__, purpose)
+                continue
+            out.append(Group(msg, trajectory_arrays(msg, frames)))
+        if purpose == "train":
+            self.in_flight -= num_groups
+        return out
+
+    def evaluate(self, version: int) -> dict[str, float]:
+        """Held-out accuracy: one sample per problem at the training temperature."""
+        n = self.cfg.task.eval_size
+        eval_seed = -1 - self.cfg.run.seed  # disjoint from the training stream
+        problems = [(-1 - i, self.task.sample(eval_seed, i)) for i in range(n)]
+        self._send(self._groups(problems), version, 1, self.cfg.generator.temperature, "eval")
+        groups = self.collect(n, purpose="eval")
+        if groups is None:
+            return {}
+        rewards = [g.msg.samples[0].reward for g in groups]
+        lengths = [g.msg.samples[0].num_tokens for g in groups]
+        return {"eval/accuracy": sum(r == 1.0 for r in rewards) / n, "eval/reward_mean": sum(rewards) / n,
+                "eval/response_length": sum(lengths) / n}
+
+    def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        msg, frames = weight_frames(named, version)
+        for w in self.workers:
+            self.ep.send(w, msg, frames)
+
+    def shutdown(self, reason: str) -> None:
+        for w in self.workers:
+            try:
+                self.ep.send(w, Shutdown(reason=reason))
+            except Exception:  # a worker that is already gone needs no goodbye
+                log.debug("could not send shutdown to %r", w)

@@ -1,0 +1,133 @@
+"""The learner role: one process per rank, started by ``asyncrl.launch``.
+
+Rank 0 talks to the generators (prompts out, trajectories in, weights out) and
+broadcasts each rollout batch to the other ranks; every rank trains its share
+under FSDP2. The loop below is the whole algorithm at the level of batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from asyncrl.algos import build_algorithm
+from asyncrl.algos.collective import dist_all_gather
+from asyncrl.config import Config, from_yaml_file
+from asyncrl.learner.batch import Batch, broadcast_batch, build_batch
+from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
+from asyncrl.learner.fsdp import apply_fsdp
+from asyncrl.learner.hub import RolloutHub
+from asyncrl.learner.policy import Policy
+from asyncrl.learner.train import train_on_batch
+from asyncrl.logs import setup_logging
+from asyncrl.metrics import MetricsLogger
+from asyncrl.models import load_model, load_tokenizer
+from asyncrl.tasks import build_task
+from asyncrl.wire.transport import LearnerEndpoint
+
+log = logging.getLogger("asyncrl.learner")
+
+
+def build_policy(cfg: Config) -> tuple[Policy, torch.optim.Optimizer]:
+    torch.manual_seed(cfg.run.seed)
+    policy = Policy(load_model(cfg.model.path, "float32"))  # float32 master weights
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.model.dtype))
+    lc = cfg.learner
+    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+    return policy, opt
+
+
+def batch_metrics(batch: Batch, version: int) -> dict[str, float]:
+    mask = batch.mask
+    lens = mask.sum(-1).float()
+    lag = version - batch.versions.masked_fill(~mask, version).min(-1).values
+    return {"train/reward_mean": batch.rewards.mean().item(), "train/accuracy": (batch.rewards == 1).float().mean().item(),
+            "train/response_length": lens.mean().item(), "async/lag_mean": lag.float().mean().item(),
+            "async/lag_max": lag.max().item()}
+
+
+def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: MetricsLogger | None, tok, stop) -> int:
+    rank0, lc = dist.get_rank() == 0, cfg.learner
+    algo, all_gather = build_algorithm(cfg.algo), dist_all_gather()
+    version = 0
+    if rank0:
+        metrics.log(0, hub.evaluate(version))
+    for step in range(1, lc.steps + 1):
+        t0 = time.time()
+        groups = None
+        if rank0 and not stop():
+            hub.request(lc.prompts_per_step, min_version=version)
+            groups = hub.collect(lc.prompts_per_step)
+        batch = broadcast_batch(build_batch(groups, tok.pad_token_id, cfg.algo.scale_advantages) if groups else None)
+        if batch is None:  # rank 0 was asked to stop: every rank leaves the loop together
+            break
+        stats = batch_metrics(batch, version)
+        if stats["async/lag_max"] > lc.max_staleness:
+            raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
+        t1 = time.time()
+        stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather)
+        version += 1
+        state = full_state_dict(policy)
+        t2 = time.time()
+        if rank0:
+            hub.publish(list(state.items()), version)
+            tokens = batch.mask.sum().item()
+            stats |= {"perf/gen_tokens_per_s": tokens / (t1 - t0), "perf/train_tokens_per_s": tokens / (t2 - t1),
+                      "perf/step_s": time.time() - t0, "policy/version": version}
+            if "lpreg/kl_sum" in stats:
+                stats["lpreg/kl_mean"] = stats["lpreg/kl_sum"] / max(stats["lpreg/regularised"], 1.0)
+            if lc.eval_every and step % lc.eval_every == 0 and step != lc.steps:
+                stats |= hub.evaluate(version)
+            metrics.log(step, stats)
+    if rank0 and not stop():
+        metrics.log(version, hub.evaluate(version) | {"policy/version": version})
+    return version
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="asyncrl learner rank (started by asyncrl.launch)")
+    ap.add_argument("--run-dir", required=True)
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    cfg = from_yaml_file(run_dir / "config.yaml")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    setup_logging(run_dir, f"learner{rank}", cfg.run.log_level)
+    torch.set_num_threads(cfg.learner.threads)
+    stopping = []
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))  # drain at the next step boundary
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    policy, opt = build_policy(cfg)
+    tok = load_tokenizer(cfg.model.path)
+    hub = metrics = None
+    if rank == 0:
+        hub = RolloutHub(cfg, LearnerEndpoint(cfg.transport.host, cfg.transport.port),
+                         build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits), tok,
+                         stop=lambda: bool(stopping))
+        hub.wait_for_workers(cfg.transport.timeout_s)
+        metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
+                                tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
+    try:
+        version = train(cfg, policy, opt, hub, metrics, tok, stop=lambda: bool(stopping))
+        state = full_state_dict(policy)
+        if rank == 0:
+            out = run_dir / "checkpoints" / f"step_{version}"
+            save_hf_checkpoint(policy, tok, state, out)
+            log.info("saved checkpoint %s%s", out, " (interrupted)" if stopping else "")
+    finally:
+        if rank == 0:
+            hub.shutdown("learner finished")
+            metrics.close()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

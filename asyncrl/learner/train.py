@@ -1,0 +1,85 @@
+"""One rollout batch -> ``ppo_mini_batches`` optimiser steps on this rank's share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from asyncrl.algos.base import Algorithm
+from asyncrl.algos.minibatch import MiniBatch, run_minibatch
+from asyncrl.config import Config
+from asyncrl.learner.batch import Batch, rank_rows
+from asyncrl.learner.policy import Policy
+
+
+def _micro(rows: slice, size: int) -> list[slice]:
+    return [slice(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+
+
+@torch.no_grad()
+def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config, kappa: float | None):
+    """pi_old quantities for this rank's rows, once per batch before any update:
+    log-probs, entropy (a metric) and, for Lp-Reg, the min-p proxy log-probs."""
+    S, L = batch.input_ids.shape
+    old = torch.zeros((S, L))
+    ent = torch.zeros((S, L))
+    proxy = torch.full((S, L), float("-inf")) if kappa is not None else None
+    for r in rows:
+        for mb in _micro(r, cfg.learner.micro_batch_size):
+            lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
+                               with_entropy=True, kappa=kappa)
+            old[mb], ent[mb] = lp, e
+            if proxy is not None:
+                proxy[mb] = px
+    return old, ent, proxy
+
+
+def train_on_batch(
+    policy: Policy, opt: torch.optim.Optimizer, algo: Algorithm, batch: Batch, cfg: Config,
+    all_gather: Callable[[Tensor], Tensor],
+) -> dict[str, float]:
+    lc, rank, world = cfg.learner, dist.get_rank(), dist.get_world_size()
+    rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
+    kappa = getattr(cfg.algo, "kappa", None) if algo.needs_proxy else None
+    old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
+    mask = batch.mask
+    adv_tok = batch.advantages[:, None].expand_as(old) * mask
+
+    def backward(loss: Tensor, last: bool) -> None:
+        policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
+        loss.backward()
+
+    totals: dict[str, Tensor] = {}
+    grad_norms = []
+    for r in rows:
+        base = r.start
+
+        def forward(sl: slice, base=base):
+            sl = slice(base + sl.start, base + sl.stop)
+            lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
+                              with_entropy=algo.needs_entropy)
+            return lp, e
+
+        mini = MiniBatch(old[r], adv_tok[r], mask[r], proxy_logprobs=None if proxy is None else proxy[r])
+        metrics, _ = run_minibatch(algo, mini, forward, micro_batch_size=lc.micro_batch_size,
+                                   all_gather=all_gather, rank=rank, max_len=float(cfg.generator.max_tokens),
+                                   backward=backward)
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), lc.grad_clip)
+        grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            totals[k] = totals[k] + v.detach().float() if k in totals else v.detach().float()
+    # metrics: summed over ranks, averaged over this batch's mini-batches
+    idx = torch.cat([torch.arange(r.start, r.stop) for r in rows])
+    valid = mask[idx].float()
+    keys = sorted(totals)
+    stats = torch.stack([*(totals[k] for k in keys), (ent[idx] * valid).sum(), valid.sum()])
+    dist.all_reduce(stats)
+    out = {k: v / len(rows) for k, v in zip(keys, stats[:-2].tolist())}
+    out["train/entropy"] = float(stats[-2] / stats[-1])
+    out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
+    return out

@@ -1,0 +1,49 @@
+"""Task registry: a task yields problems (prompt text + ground truth) and scores answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    ground_truth: str
+    data_source: str
+    solution: str = ""  # a reference response (used by the warm-start only)
+
+
+class Task(Protocol):
+    data_source: str
+
+    def sample(self, seed: int, index: int) -> Problem: ...
+
+
+# data_source -> verifier(response_text, ground_truth) -> reward in [0, 1]
+_VERIFIERS: dict[str, Callable[[str, str], float]] = {}
+
+
+def register_verifier(data_source: str, fn: Callable[[str, str], float]) -> None:
+    if data_source in _VERIFIERS:
+        raise ValueError(f"verifier for data_source {data_source!r} is registered twice")
+    _VERIFIERS[data_source] = fn
+
+
+def verify(data_source: str, response: str, ground_truth: str) -> float:
+    try:
+        fn = _VERIFIERS[data_source]
+    except KeyError:
+        raise KeyError(
+            f"no verifier for data_source {data_source!r}; known: {sorted(_VERIFIERS)}"
+        ) from None
+    return fn(response, ground_truth)
+
+
+def build_task(name: str, **kwargs) -> Task:
+    from asyncrl.tasks.arith import ArithTask
+
+    tasks = {"arith": ArithTask}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
+    return tasks[name](**kwargs)
