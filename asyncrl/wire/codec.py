@@ -85,7 +85,7 @@ def weight_frames(named: list[tuple[str, torch.Tensor]], version: int) -> tuple[
     for name, t in named:
         t = t.detach().cpu().contiguous()
         metas.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), list(t.shape)))
-        frames.append(t.view(torch.uint8).numpy() if t.numel() else b"")
+        frames.append(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # 0-d: view needs dim >= 1
     return WeightUpdate(version=version, tensors=metas), frames
 
 
