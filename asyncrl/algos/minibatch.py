@@ -35,7 +35,7 @@ Backward = Callable[[Tensor, bool], None]
 class MiniBatch:
     """This rank's contiguous share of one mini-batch, [B, T] per token, no grad."""
 
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None  # None: the current weights ARE pi_old (see run_minibatch)
     advantages: Tensor  # per token (the sample advantage broadcast over its tokens)
     mask: Tensor  # bool, valid response tokens
     proxy_logprobs: Tensor | None = None  # -inf where filtered, if the algorithm needs_proxy
@@ -55,17 +55,24 @@ def global_normalisers(mask: Tensor, all_gather: AllGather) -> tuple[float, floa
 
 def select_minibatch(
     algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
-    all_gather: AllGather, rank: int,
+    all_gather: AllGather, rank: int, current: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
-    """int8 codes [B, T] from one global ``select`` over the whole mini-batch."""
+    """int8 codes [B, T] from one global ``select`` over the whole mini-batch.
+
+    ``current`` = (log-probs, entropy) already computed with the current weights
+    (e.g. pi_old's on the first mini-batch) skips the no-grad pass."""
     B = batch.mask.shape[0]
-    with torch.no_grad():
-        outs = [forward(slice(i, min(i + micro_batch_size, B))) for i in range(0, B, micro_batch_size)]
-    lp = torch.cat([o[0] for o in outs]) if outs else batch.old_logprobs
-    ent = torch.cat([o[1] for o in outs]) if algo.needs_entropy and outs else None
+    if current is None:
+        with torch.no_grad():
+            outs = [forward(slice(i, min(i + micro_batch_size, B))) for i in range(0, B, micro_batch_size)]
+        lp = torch.cat([o[0] for o in outs]) if outs else batch.old_logprobs
+        ent = torch.cat([o[1] for o in outs]) if algo.needs_entropy and outs else None
+    else:
+        lp, ent = current
     m = batch.mask
     codes = algo.select(SelectInputs(
-        logprobs=lp[m], old_logprobs=batch.old_logprobs[m], advantages=batch.advantages[m],
+        logprobs=lp[m], old_logprobs=(lp if batch.old_logprobs is None else batch.old_logprobs)[m],
+        advantages=batch.advantages[m],
         entropy=None if ent is None else ent[m],
         proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[m], rank=rank,
     ), all_gather)
@@ -77,6 +84,7 @@ def select_minibatch(
 def run_minibatch(
     algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
     all_gather: AllGather, rank: int, max_len: float = 0.0, backward: Backward = _backward,
+    current: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Accumulate this rank's gradient for one mini-batch.
 
@@ -84,22 +92,31 @@ def run_minibatch(
     the selection codes [B, T] or None). ``max_len`` is the run's max response length,
     needed by ``seq-mean-token-sum-norm``. Every rank must call this the same number
     of times (select and the normalisers are collectives), even with an empty share.
+
+    ``current``: (log-probs, entropy) of the whole share under the current weights,
+    when the caller already has them; selection then needs no extra pass.
+    ``batch.old_logprobs`` None means the current weights are pi_old (one optimiser
+    step per rollout batch): pi_old's log-probs are then the detached log-probs of
+    the training forward itself, which saves the separate no-grad pass.
     """
+    if batch.old_logprobs is None and algo.needs_selection and current is None:
+        raise ValueError("old_logprobs=None needs `current` when the algorithm selects tokens")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     num_tokens, num_seqs = global_normalisers(batch.mask, all_gather)
     selected = None
     if algo.needs_selection:
         selected = select_minibatch(algo, batch, forward, micro_batch_size=micro_batch_size,
-                                    all_gather=all_gather, rank=rank)
+                                    all_gather=all_gather, rank=rank, current=current)
     B = batch.mask.shape[0]
     metrics: dict[str, Tensor] = {}
     starts = range(0, B, micro_batch_size)
     for n, i in enumerate(starts):
         rows = slice(i, min(i + micro_batch_size, B))
         lp, ent = forward(rows)
+        old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
         loss, m = algo.loss(LossInputs(
-            logprobs=lp, old_logprobs=batch.old_logprobs[rows], advantages=batch.advantages[rows],
+            logprobs=lp, old_logprobs=old, advantages=batch.advantages[rows],
             mask=batch.mask[rows], num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
             entropy=ent,
             proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[rows],

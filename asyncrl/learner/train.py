@@ -22,10 +22,9 @@ def _micro(rows: slice, size: int) -> list[slice]:
 @torch.no_grad()
 def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config, kappa: float | None):
     """pi_old quantities for this rank's rows, once per batch before any update:
-    log-probs, entropy (a metric) and, for Lp-Reg, the min-p proxy log-probs."""
+    log-probs, entropy and, for Lp-Reg, the min-p proxy log-probs."""
     S, L = batch.input_ids.shape
-    old = torch.zeros((S, L))
-    ent = torch.zeros((S, L))
+    old, ent = torch.zeros((S, L)), torch.zeros((S, L))
     proxy = torch.full((S, L), float("-inf")) if kappa is not None else None
     for r in rows:
         for mb in _micro(r, cfg.learner.micro_batch_size):
@@ -43,10 +42,16 @@ def train_on_batch(
 ) -> dict[str, float]:
     lc, rank, world = cfg.learner, dist.get_rank(), dist.get_world_size()
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
-    kappa = getattr(cfg.algo, "kappa", None) if algo.needs_proxy else None
-    old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
     mask = batch.mask
-    adv_tok = batch.advantages[:, None].expand_as(old) * mask
+    adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
+    # One optimiser step and nothing to select: the weights of the training forward ARE
+    # pi_old, so its detached log-probs serve as old log-probs (no separate pass).
+    fused = lc.ppo_mini_batches == 1 and not (algo.needs_proxy or algo.needs_selection)
+    if fused:
+        old, proxy, ent = None, None, torch.zeros(mask.shape)
+    else:
+        kappa = cfg.algo.kappa if algo.needs_proxy else None
+        old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
 
     def backward(loss: Tensor, last: bool) -> None:
         policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
@@ -54,19 +59,23 @@ def train_on_batch(
 
     totals: dict[str, Tensor] = {}
     grad_norms = []
-    for r in rows:
-        base = r.start
+    for i, r in enumerate(rows):
 
-        def forward(sl: slice, base=base):
+        def forward(sl: slice, base=r.start):
             sl = slice(base + sl.start, base + sl.stop)
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
-                              with_entropy=algo.needs_entropy)
-            return lp, e
+                              with_entropy=algo.needs_entropy or fused)
+            if fused and torch.is_grad_enabled():
+                ent[sl] = e.detach()
+            return lp, e if algo.needs_entropy else None
 
-        mini = MiniBatch(old[r], adv_tok[r], mask[r], proxy_logprobs=None if proxy is None else proxy[r])
+        # on the first mini-batch the weights are still pi_old: selection reuses its pass
+        current = (old[r], ent[r] if algo.needs_entropy else None) if i == 0 and old is not None else None
+        mini = MiniBatch(None if old is None else old[r], adv_tok[r], mask[r],
+                         proxy_logprobs=None if proxy is None else proxy[r])
         metrics, _ = run_minibatch(algo, mini, forward, micro_batch_size=lc.micro_batch_size,
                                    all_gather=all_gather, rank=rank, max_len=float(cfg.generator.max_tokens),
-                                   backward=backward)
+                                   backward=backward, current=current)
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), lc.grad_clip)
         grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         opt.step()
