@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from asyncrl.config import Config
-from asyncrl.tasks import Task
+from asyncrl.data import PromptSource
+from asyncrl.tasks import Problem
 from asyncrl.wire.codec import SampleArrays, trajectory_arrays, weight_frames
 from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
 from asyncrl.wire.transport import LearnerEndpoint
@@ -32,9 +33,10 @@ class Group:
 
 
 class RolloutHub:
-    def __init__(self, cfg: Config, endpoint: LearnerEndpoint, task: Task, tokenizer,
-                 stop: Callable[[], bool] = lambda: False) -> None:
-        self.cfg, self.ep, self.task, self.tok, self.stop = cfg, endpoint, task, tokenizer, stop
+    def __init__(self, cfg: Config, endpoint: LearnerEndpoint, source: PromptSource, eval_problems: list[Problem],
+                 tokenizer, stop: Callable[[], bool] = lambda: False) -> None:
+        self.cfg, self.ep, self.source, self.tok, self.stop = cfg, endpoint, source, tokenizer, stop
+        self.eval_problems = eval_problems
         self.workers: list[bytes] = []
         self.next_worker = 0
         self.train_index = 0  # data position: the next training problem
@@ -66,7 +68,7 @@ class RolloutHub:
         g = self.cfg.generator
         problems = []
         for _ in range(num_groups):
-            problems.append((self.train_index, self.task.sample(self.cfg.run.seed, self.train_index)))
+            problems.append((self.train_index, self.source.problem(self.train_index)))
             self.train_index += 1
         self._send(self._groups(problems), min_version, g.samples_per_prompt, g.temperature, "train")
         self.in_flight += num_groups
@@ -110,9 +112,8 @@ class RolloutHub:
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Held-out accuracy: one sample per problem at the training temperature."""
-        n = self.cfg.task.eval_size
-        eval_seed = -1 - self.cfg.run.seed  # disjoint from the training stream
-        problems = [(-1 - i, self.task.sample(eval_seed, i)) for i in range(n)]
+        n = len(self.eval_problems)
+        problems = [(-1 - i, p) for i, p in enumerate(self.eval_problems)]  # negative ids: never trained on
         self._send(self._groups(problems), version, 1, self.cfg.generator.temperature, "eval")
         groups = self.collect(n, purpose="eval")
         if groups is None:

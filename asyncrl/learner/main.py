@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from asyncrl.algos import build_algorithm
 from asyncrl.algos.collective import dist_all_gather
 from asyncrl.config import Config, from_yaml_file
+from asyncrl.data import build_eval_problems, build_train_source
 from asyncrl.learner.batch import Batch, broadcast_batch, build_batch
 from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
 from asyncrl.learner.fsdp import apply_fsdp
@@ -29,7 +30,6 @@ from asyncrl.learner.train import train_on_batch
 from asyncrl.logs import setup_logging
 from asyncrl.metrics import MetricsLogger
 from asyncrl.models import load_model, load_tokenizer
-from asyncrl.tasks import build_task
 from asyncrl.wire.transport import LearnerEndpoint
 
 log = logging.getLogger("asyncrl.learner")
@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(cfg.model.path)
     hub = metrics = None
     if rank == 0:
-        hub = RolloutHub(cfg, LearnerEndpoint(cfg.transport.host, cfg.transport.port),
-                         build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits), tok,
-                         stop=lambda: bool(stopping))
+        hub = RolloutHub(cfg, LearnerEndpoint(cfg.transport.host, cfg.transport.port), build_train_source(cfg),
+                         build_eval_problems(cfg), tok, stop=lambda: bool(stopping))
         hub.wait_for_workers(cfg.transport.timeout_s)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
                                 tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
