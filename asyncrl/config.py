@@ -56,8 +56,100 @@ class TaskConfig(_Section):
     """Held-out problems (a seed disjoint from training)."""
 
 
+class DataConfig(_Section):
+    """Dataset files in veRL's layout (parquet or jsonl); see docs in asyncrl/data/files.py."""
+
+    train_files: list[str] = []
+    """Training files; empty = the synthetic ``task`` (no files needed)."""
+    eval_files: list[str] = []
+    """Evaluation files; empty = ``task.eval_size`` held-out synthetic problems."""
+    max_prompt_length: int = 1024
+    """Longest prompt in tokens after the chat template; see ``truncation``."""
+    truncation: Literal["error", "left", "drop"] = "error"
+    """A longer prompt: error (name the row), left (keep its last tokens), drop (skip the row)."""
+    shuffle: bool = True
+    """Shuffle training rows, a new seeded permutation every epoch."""
+    reward_processes: int = 2
+    """Verifier processes per generator when training from files (0 = score inline)."""
+    reward_timeout_s: float = 10.0
+    """Per-answer verification time limit; an answer over it scores 0."""
+    overlong_buffer_len: int = 0
+    """DAPO overlong penalty: the last N tokens before generator.max_tokens are penalised
+    linearly down to -overlong_penalty_factor (0 = off)."""
+    overlong_penalty_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError("data.max_prompt_length must be >= 1")
+        if self.reward_processes < 0:
+            raise ValueError("data.reward_processes must be >= 0 (0 = score inline)")
+        if self.reward_timeout_s <= 0:
+            raise ValueError("data.reward_timeout_s must be > 0")
+        if self.overlong_buffer_len < 0:
+            raise ValueError("data.overlong_buffer_len must be >= 0 (0 = no overlong penalty)")
+
+
+class EvalConfig(_Section):
+    """Evaluation sampling: per-data_source temperatures, k samples per problem."""
+
+    k: int = 1
+    """Samples per problem; reports mean@k and pass@k."""
+    temperature: float = 0.0
+    """Temperature for sources without an override; 0 = generator.temperature."""
+    top_p: float = 0.0
+    """0 = generator.top_p."""
+    max_tokens: int = 0
+    """0 = generator.max_tokens."""
+    temperature_by_source: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"aime": 0.6, "aime24": 0.6, "aime25": 0.6})
+    """Per-data_source temperature. A key matches a data_source equal to it or containing
+    it (case-insensitive; the longest matching key wins), so ``aime`` covers AIME2024,
+    math-ai/aime25, ..."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("eval.k must be >= 1")
+        if self.temperature < 0 or any(t <= 0 for t in self.temperature_by_source.values()):
+            raise ValueError("eval temperatures must be > 0 (eval.temperature 0 = generator.temperature)")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("eval.top_p must be in (0, 1] (0 = generator.top_p)")
+
+
+class VLLMOptions(_Section):
+    """Settings of the ``vllm`` engine (in-process ``vllm.LLM``); see docs/engines.md."""
+
+    kv_cache_gb: float = 0.25
+    """KV-cache size in GiB. 0 = let vLLM size it from gpu_memory_utilization (GPU only:
+    on CPU that reserves a fraction of all host memory and fails on a shared machine)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (weights + KV) when kv_cache_gb is 0."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: starts in seconds; set false for GPU throughput."""
+    max_model_len: int = 0
+    """Longest prompt + answer in tokens; 0 = the model's max_position_embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gb < 0:
+            raise ValueError("generator.vllm.kv_cache_gb must be >= 0 (0 = sized by gpu_memory_utilization)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("generator.vllm.gpu_memory_utilization must be in (0, 1]")
+
+
+class SGLangOptions(_Section):
+    """Settings of the ``sglang`` engine (CUDA only); see docs/engines.md."""
+
+    url: str = ""
+    """Empty = start an in-process sglang.Engine; else the base URL of a running SGLang
+    server (http://host:port), whose weights are then updated from disk."""
+    mem_fraction_static: float = 0.5
+    """Fraction of GPU memory for weights + KV (in-process engine only)."""
+    weights_dir: str = ""
+    """Server mode: where to write safetensors for /update_weights_from_disk; must be
+    readable by the server. Empty = <run.dir>/sglang_weights."""
+
+
 class GeneratorConfig(_Section):
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm", "sglang"] = "hf"
     num_workers: int = 1
     samples_per_prompt: int = 8
     temperature: float = 1.0
@@ -65,6 +157,8 @@ class GeneratorConfig(_Section):
     max_tokens: int = 64
     threads: int = 2
     """torch intra-op threads per generator process."""
+    vllm: VLLMOptions = msgspec.field(default_factory=VLLMOptions)
+    sglang: SGLangOptions = msgspec.field(default_factory=SGLangOptions)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -89,6 +183,12 @@ class LearnerConfig(_Section):
     """Samples per forward/backward on one rank (gradient accumulation above that)."""
     max_staleness: int = 0
     """0 = strictly on-policy; k = generation may run k versions ahead."""
+    off_policy: Literal["decoupled", "tis", "none"] = "decoupled"
+    """Correction for samples from older weights: decoupled = PPO ratio against the
+    learner's recomputed pi_old; tis = that plus a per-token weight
+    min(pi_old / pi_behaviour, tis_cap) from the generator's log-probs; none = PPO ratio
+    against the generator's sampled log-probs (no recomputation)."""
+    tis_cap: float = 2.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -117,12 +217,26 @@ class TransportConfig(_Section):
     """0 = pick a free port."""
     timeout_s: float = 600.0
     """Give up with an error if no trajectory arrives for this long."""
+    auth: Literal["none", "curve"] = "none"
+    """"curve": ZeroMQ CURVE (encrypted, only holders of the run's client key may send);
+    launch writes the keys to <run.dir>/keys. Use it whenever host is not loopback."""
+    max_message_mb: float = 64.0
+    """Largest message the learner accepts (one trajectory group); a bigger frame is
+    dropped by libzmq before it is allocated."""
+    max_weights_mb: float = 65536.0
+    """Largest weight update a generator accepts (every tensor of one version)."""
+
+    def __post_init__(self) -> None:
+        if self.max_message_mb <= 0 or self.max_weights_mb <= 0:
+            raise ValueError("transport.max_message_mb and transport.max_weights_mb must be > 0")
 
 
 class Config(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     task: TaskConfig = msgspec.field(default_factory=TaskConfig)
+    data: DataConfig = msgspec.field(default_factory=DataConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     algo: AlgoConfig = msgspec.field(default_factory=GRPOConfig)

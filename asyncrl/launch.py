@@ -11,14 +11,17 @@ exits 0; a role that fails stops the others and launch exits non-zero with its e
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -32,6 +35,27 @@ log = logging.getLogger("asyncrl.launch")
 class Role:
     name: str
     proc: subprocess.Popen
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    def forward_output(self) -> None:
+        """Copy the role's output to ours as it comes (raw chunks, so a live progress
+        line's carriage returns work) and keep its last lines for error reports."""
+        fd = self.proc.stdout.fileno()
+        pending = b""
+        while chunk := os.read(fd, 65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            self.tail.extend(line.decode(errors="replace") for line in lines)
+        if pending:
+            self.tail.append(pending.decode(errors="replace"))
+
+
+def _spawn(name: str, cmd: list[str], env: dict) -> Role:
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    role = Role(name, proc)
+    threading.Thread(target=role.forward_output, name=f"out-{name}", daemon=True).start()
+    return role
 
 
 def free_port(host: str) -> int:
@@ -46,35 +70,33 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
         raise ConfigError(
             f"run directory {run_dir} already holds a run; choose another run.dir=... or pass run.overwrite=true"
         )
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)  # logs of an overwritten run would mislead
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.transport.port == 0:
         cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, port=free_port(cfg.transport.host)))
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.transport.auth == "curve":  # fresh keys before any role starts: roles load them at start-up
+        from asyncrl.wire.auth import create_keys
+
+        create_keys(run_dir)
     return cfg, run_dir
 
 
 def start_roles(cfg: Config, run_dir: Path) -> list[Role]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port("127.0.0.1")),
-               WORLD_SIZE=str(cfg.learner.world_size), PYTHONUNBUFFERED="1")
+               WORLD_SIZE=str(cfg.learner.world_size), PYTHONUNBUFFERED="1",
+               ASYNCRL_LIVE_CONSOLE="1" if sys.stderr.isatty() else "0")
     roles = []
     for rank in range(cfg.learner.world_size):
         cmd = [sys.executable, "-m", "asyncrl.learner.main", "--run-dir", str(run_dir)]
-        roles.append(Role(f"learner{rank}", subprocess.Popen(
-            cmd, env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)))
+        roles.append(_spawn(f"learner{rank}", cmd, env | {"RANK": str(rank), "LOCAL_RANK": str(rank)}))
     address = f"tcp://{cfg.transport.host}:{cfg.transport.port}"
     for w in range(cfg.generator.num_workers):
         cmd = [sys.executable, "-m", "asyncrl.generator.worker", "--run-dir", str(run_dir), "--worker-id", str(w),
                "--address", address]
-        roles.append(Role(f"generator{w}", subprocess.Popen(cmd, env=env, start_new_session=True)))
+        roles.append(_spawn(f"generator{w}", cmd, env))
     return roles
-
-
-def _log_tail(run_dir: Path, role: str, lines: int = 15) -> str:
-    path = run_dir / "logs" / f"{role}.log"
-    if not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
@@ -97,12 +119,14 @@ def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
     learner0 = roles[0]
     while True:
         time.sleep(0.2)
+        # generators exit 0 when the learner says goodbye; only an error code is a failure
         failed = [r for r in roles if r.proc.poll() not in (None, 0)]
-        early = [r for r in roles[1:] if r.proc.poll() == 0 and learner0.proc.poll() is None and not stopping]
-        if failed or early:
-            bad = (failed or early)[0]
-            log.error("%s exited with code %s; stopping the run. Last lines of its log:\n%s",
-                      bad.name, bad.proc.returncode, _log_tail(run_dir, bad.name))
+        if failed:
+            bad = failed[0]
+            time.sleep(0.3)  # let its last output arrive
+            log.error("%s exited with code %s; stopping the run. Its last output (full log: %s):\n%s",
+                      bad.name, bad.proc.returncode, run_dir / "logs" / f"{bad.name}.log",
+                      "\n".join(list(bad.tail)[-20:]))
             _terminate(roles)
             return 1
         if learner0.proc.poll() == 0 or all(r.proc.poll() is not None for r in roles):

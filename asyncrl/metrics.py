@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 import time
@@ -26,7 +27,8 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
         self.total, self.console, self.t0 = total_steps, console, time.time()
-        self.live = console and sys.stderr.isatty()
+        # launch pipes our output through to its terminal and tells us if it is one
+        self.live = console and (sys.stderr.isatty() or os.environ.get("ASYNCRL_LIVE_CONSOLE") == "1")
         self.tb = self.wb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

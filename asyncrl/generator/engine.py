@@ -7,7 +7,7 @@ Backends (``hf``, ``vllm``, ``sglang``) live in their own modules and are chosen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from torch import Tensor
 
@@ -36,8 +36,12 @@ class Completion:
 class Engine(Protocol):
     version: int  # policy version of the weights currently loaded
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For each prompt (token ids), ``params.n`` completions."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
+    ) -> list[list[Completion]]:
+        """For each prompt (token ids), ``params.n`` completions. ``between_steps`` (if
+        given) is called between decode steps where the engine can pause; it may call
+        ``load_weights``, after which tokens are sampled with the new weights."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:

@@ -7,7 +7,7 @@ importance weights against the behaviour policy need.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -39,7 +39,12 @@ class HFEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
+    ) -> list[list[Completion]]:
+        """``between_steps`` runs between decode steps; if it loads new weights, the KV
+        cache is rebuilt with them (one prefill over prompt + tokens so far), so every
+        token after the update is sampled exactly from the new policy."""
         rows = [p for p in prompts for _ in range(params.n)]
         B, P = len(rows), max(len(p) for p in rows)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
@@ -48,32 +53,38 @@ class HFEngine:
             ids[i, P - len(p) :] = torch.tensor(p)
             attn[i, P - len(p) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
         stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
-        out_tok = torch.empty((B, params.max_tokens), dtype=torch.long, device=self.device)
         out_lp = torch.empty((B, params.max_tokens), dtype=torch.float32, device=self.device)
+        out_ver = torch.empty((B, params.max_tokens), dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         lengths = torch.full((B,), params.max_tokens, dtype=torch.long, device=self.device)
-        step_ids, step_pos = ids, pos
+        cache, cache_version = None, None
         for t in range(params.max_tokens):
+            if between_steps is not None and t > 0:
+                between_steps()
+            if cache_version != self.version:  # first step, or new weights: prefill everything so far
+                cache, cache_version = DynamicCache(), self.version
+                step_ids, step_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
                 input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True
             ).logits[:, -1]
             logp = sampling_logprobs(logits, params.temperature, params.top_p)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
-            out_tok[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+            out_lp[:, t], out_ver[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1), self.version
             newly = ~done & torch.isin(tok, stop)
             lengths[newly] = t + 1
             done |= newly
+            tok = tok.masked_fill(done & ~newly, self.pad_id)
+            ids = torch.cat([ids, tok[:, None]], dim=-1)
             if bool(done.all()):
                 break
-            step_ids = tok.masked_fill(done, self.pad_id)[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            attn = torch.cat([attn, (~done).long()[:, None]], dim=-1)
-        tok_l, lp_l, len_l, done_l = out_tok.tolist(), out_lp.tolist(), lengths.tolist(), done.tolist()
+            # finished rows keep feeding padding that nothing attends to
+            attn = torch.cat([attn, (~done | newly).long()[:, None]], dim=-1)
+            step_ids, step_pos = tok[:, None], step_pos[:, -1:] + 1
+        gen = ids[:, P:].tolist()
+        lp_l, ver_l, len_l, done_l = out_lp.tolist(), out_ver.tolist(), lengths.tolist(), done.tolist()
         comps = [
-            Completion(tok_l[i][: len_l[i]], lp_l[i][: len_l[i]], [self.version] * len_l[i], "stop" if done_l[i] else "length")
+            Completion(gen[i][: len_l[i]], lp_l[i][: len_l[i]], ver_l[i][: len_l[i]], "stop" if done_l[i] else "length")
             for i in range(B)
         ]
         return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]

@@ -30,7 +30,7 @@ log = logging.getLogger("asyncrl.generator")
 
 
 def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
-    from asyncrl.models import load_model, load_tokenizer
+    from asyncrl.models import load_model, load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(cfg.model.path)
     if cfg.generator.engine == "hf":
@@ -38,14 +38,34 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
 
         model = load_model(cfg.model.path, cfg.model.dtype)
         return HFEngine(model, pad_id=tok.pad_token_id, seed=cfg.run.seed * 1000 + worker_id), tok
+    if cfg.generator.engine == "vllm":
+        from asyncrl.generator.vllm_engine import VLLMEngine
+
+        o = cfg.generator.vllm
+        engine = VLLMEngine(str(resolve_model_path(cfg.model.path)), dtype=cfg.model.dtype,
+                            seed=cfg.run.seed * 1000 + worker_id, threads=cfg.generator.threads,
+                            kv_cache_bytes=int(o.kv_cache_gb * 2**30) or None,
+                            gpu_memory_utilization=o.gpu_memory_utilization, enforce_eager=o.enforce_eager,
+                            max_model_len=o.max_model_len or None)
+        return engine, tok
+    if cfg.generator.engine == "sglang":
+        from asyncrl.generator.sglang_engine import SGLangEngine
+
+        o = cfg.generator.sglang
+        engine = SGLangEngine(str(resolve_model_path(cfg.model.path)), dtype=cfg.model.dtype,
+                              seed=cfg.run.seed * 1000 + worker_id, url=o.url or None,
+                              mem_fraction_static=o.mem_fraction_static,
+                              weights_dir=o.weights_dir or str(Path(cfg.run.dir) / f"sglang_weights{worker_id}"))
+        return engine, tok
     raise ValueError(f"generator.engine {cfg.generator.engine!r} is not available")
 
 
-def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int) -> list[tuple[TrajectoryGroup, list]]:
+def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int, between_steps=None,
+                busy_total_s: float = 0.0) -> list[tuple[TrajectoryGroup, list]]:
     t0 = time.time()
     params = SamplingParams(n=msg.n, max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                             stop_token_ids=(tok.eos_token_id,))
-    outs = engine.generate([g.prompt_ids for g in msg.groups], params)
+    outs = engine.generate([g.prompt_ids for g in msg.groups], params, between_steps=between_steps)
     dt = time.time() - t0
     results = []
     for g, comps in zip(msg.groups, outs):
@@ -57,29 +77,50 @@ def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int) -> list[tuple
             arrays.append(SampleArrays(np.asarray(c.token_ids, np.int32), np.asarray(c.logprobs, np.float32),
                                        np.asarray(c.versions, np.int32)))
         header = TrajectoryGroup(group_id=g.group_id, worker_id=worker_id, data_source=g.data_source,
-                                 prompt_ids=g.prompt_ids, samples=metas, purpose=msg.purpose, gen_seconds=dt)
+                                 prompt_ids=g.prompt_ids, samples=metas, purpose=msg.purpose, gen_seconds=dt,
+                                 busy_total_s=busy_total_s + dt)
         results.append((header, trajectory_frames(arrays)))
     return results
 
 
-def serve(engine: Engine, tok, link: GeneratorEndpoint, worker_id: int, stop) -> None:
-    pending: deque[Prompts] = deque()
-    while not stop():
-        got = link.recv(timeout_s=1.0)
-        if got is not None:
-            msg, frames = got
-            if isinstance(msg, Shutdown):
-                log.info("shutdown: %s", msg.reason)
-                return
-            if isinstance(msg, WeightUpdate):
-                t0 = time.time()
-                engine.load_weights(weight_tensors(msg, frames), msg.version)
-                log.debug("loaded weights v%d in %.3fs", msg.version, time.time() - t0)
-            elif isinstance(msg, Prompts):
-                pending.append(msg)
-        while pending and pending[0].min_version <= engine.version:
-            for header, frames in run_prompts(engine, tok, pending.popleft(), worker_id):
-                link.send(header, frames)
+class Worker:
+    """The worker's message loop. New weights are applied as soon as they arrive: between
+    batches, and between decode steps of a batch in flight (the engine then re-encodes
+    the prefix with them), so every token is sampled by the newest weights on hand."""
+
+    def __init__(self, engine: Engine, tok, link: GeneratorEndpoint, worker_id: int) -> None:
+        self.engine, self.tok, self.link, self.worker_id = engine, tok, link, worker_id
+        self.pending: deque[Prompts] = deque()
+        self.shutdown: str | None = None
+        self.busy_s = 0.0  # cumulative generation time, reported with every group
+
+    def handle(self, msg, frames) -> None:
+        if isinstance(msg, Shutdown):
+            self.shutdown = msg.reason or "requested"
+        elif isinstance(msg, WeightUpdate):
+            t0 = time.time()
+            self.engine.load_weights(weight_tensors(msg, frames), msg.version)
+            log.debug("loaded weights v%d in %.3fs", msg.version, time.time() - t0)
+        elif isinstance(msg, Prompts):
+            self.pending.append(msg)
+
+    def poll(self) -> None:
+        """Drain whatever arrived, without blocking (runs between decode steps)."""
+        while self.shutdown is None and (got := self.link.recv(timeout_s=0)) is not None:
+            self.handle(*got)
+
+    def serve(self, stop) -> None:
+        while not stop() and self.shutdown is None:
+            got = self.link.recv(timeout_s=1.0)
+            if got is not None:
+                self.handle(*got)
+            while self.pending and self.pending[0].min_version <= self.engine.version and self.shutdown is None:
+                msg = self.pending.popleft()
+                results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s)
+                self.busy_s = results[-1][0].busy_total_s
+                for header, frames in results:
+                    self.link.send(header, frames)
+        log.info("stopping: %s", self.shutdown or "signal")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.generator.threads)
     torch.manual_seed(cfg.run.seed * 1000 + args.worker_id)
     engine, tok = build_engine(cfg, args.worker_id)
-    link = GeneratorEndpoint(args.address, args.worker_id)
+    link = GeneratorEndpoint.from_config(cfg.transport, args.address, args.worker_id, args.run_dir)
     link.send(Hello(worker_id=args.worker_id, version=engine.version))
     try:
-        serve(engine, tok, link, args.worker_id, stop=lambda: bool(stopping))
+        Worker(engine, tok, link, args.worker_id).serve(stop=lambda: bool(stopping))
     finally:
         link.close()
         engine.shutdown()

@@ -20,5 +20,8 @@ def apply_fsdp(policy: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype 
     for layer in policy.lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
-    policy.set_gradient_divide_factor(1.0)
+    for module in policy.modules():  # each FSDP unit reduces its own gradients; set it on all
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM/AVG
     return policy

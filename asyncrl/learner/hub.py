@@ -1,10 +1,12 @@
 """Rank 0's link to the generator workers: hand out prompt groups, collect trajectory
-groups, publish weights. Admission control lives here (see ``request``)."""
+groups, publish weights. Admission control and the staleness bound live here
+(``top_up`` and ``next_batch``)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +42,14 @@ class RolloutHub:
         self.workers: list[bytes] = []
         self.next_worker = 0
         self.train_index = 0  # data position: the next training problem
-        self.in_flight = 0
+        self.in_flight = 0  # training groups requested and not yet received
+        self.buffer: deque[Group] = deque()  # received training groups, oldest first
+        self.eval_buffer: deque[Group] = deque()
+        self.dropped_total = 0
+        self.gen_busy_s: dict[int, float] = {}  # worker id -> cumulative generation seconds
+        self.last_gen_busy = 0.0
+        self.tokens_received = 0  # response tokens of training groups, for generator throughput
+        self.last_tokens_received = 0
 
     def wait_for_workers(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -84,40 +93,77 @@ class RolloutHub:
                 self.ep.send(self.workers[(self.next_worker + w) % W], msg)
         self.next_worker = (self.next_worker + 1) % W
 
-    def collect(self, num_groups: int, purpose: str = "train") -> list[Group] | None:
-        """Block until ``num_groups`` groups arrived; None if a stop was requested."""
-        out: list[Group] = []
+    def _receive(self, timeout_s: float) -> bool:
+        """File one arriving group into its buffer; False if nothing came in time."""
+        got = self.ep.recv(timeout_s=timeout_s)
+        if got is None:
+            return False
+        _, msg, frames = got
+        if not isinstance(msg, TrajectoryGroup):
+            log.warning("unexpected %s message from a generator; dropped", type(msg).__name__)
+            return True
+        group = Group(msg, trajectory_arrays(msg, frames))
+        if msg.purpose == "train":
+            self.in_flight -= 1
+            self.buffer.append(group)
+            self.gen_busy_s[msg.worker_id] = msg.busy_total_s
+            self.tokens_received += sum(x.num_tokens for x in msg.samples)
+        else:
+            self.eval_buffer.append(group)
+        return True
+
+    def _wait_for(self, buffer: deque, count: int) -> bool:
+        """Block until ``buffer`` holds ``count`` groups; False if a stop was requested."""
         timeout = self.cfg.transport.timeout_s
         last = time.monotonic()
-        while len(out) < num_groups:
+        while len(buffer) < count:
             if self.stop():
-                return None
-            got = self.ep.recv(timeout_s=1.0)  # short polls keep Ctrl-C responsive
-            if got is None and time.monotonic() - last < timeout:
-                continue
-            if got is None:
+                return False
+            if self._receive(timeout_s=1.0):  # short polls keep Ctrl-C responsive
+                last = time.monotonic()
+            elif time.monotonic() - last > timeout:
                 raise TimeoutError(
-                    f"no trajectories for {timeout:.0f}s ({len(out)}/{num_groups} groups received); "
+                    f"no trajectories for {timeout:.0f}s ({len(buffer)}/{count} groups received); "
                     "a generator may be stuck or dead: see its log in the run directory"
                 )
-            last = time.monotonic()
-            _, msg, frames = got
-            if not isinstance(msg, TrajectoryGroup) or msg.purpose != purpose:
-                log.warning("unexpected %s message while collecting %s groups; dropped", type(msg).__name__, purpose)
+        return True
+
+    def top_up(self, version: int, taken: int = 0) -> None:
+        """Admission control: keep in_flight + buffered (+ ``taken`` for the batch being
+        formed) <= (max_staleness + 1) * batch groups, so nothing is generated only to be
+        thrown away for staleness."""
+        cap = (self.cfg.learner.max_staleness + 1) * self.cfg.learner.prompts_per_step
+        credits = cap - self.in_flight - len(self.buffer) - taken
+        if credits > 0:
+            self.request(credits, min_version=version)
+
+    def next_batch(self, version: int) -> tuple[list[Group], dict[str, float]] | None:
+        """The oldest ``prompts_per_step`` groups that are fresh enough to train on at
+        ``version``; staler ones are dropped, counted and replaced. None on stop."""
+        k, P = self.cfg.learner.max_staleness, self.cfg.learner.prompts_per_step
+        t0, dropped = time.monotonic(), 0
+        batch: list[Group] = []
+        while len(batch) < P:
+            self.top_up(version, taken=len(batch))
+            if not self._wait_for(self.buffer, 1):
+                return None
+            group = self.buffer.popleft()
+            if group.oldest_version < version - k:
+                dropped += 1
                 continue
-            out.append(Group(msg, trajectory_arrays(msg, frames)))
-        if purpose == "train":
-            self.in_flight -= num_groups
-        return out
+            batch.append(group)
+        self.dropped_total += dropped
+        return batch, {"async/dropped_groups": dropped, "async/dropped_total": self.dropped_total,
+                       "async/learner_wait_s": time.monotonic() - t0}
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Held-out accuracy: one sample per problem at the training temperature."""
         n = len(self.eval_problems)
         problems = [(-1 - i, p) for i, p in enumerate(self.eval_problems)]  # negative ids: never trained on
         self._send(self._groups(problems), version, 1, self.cfg.generator.temperature, "eval")
-        groups = self.collect(n, purpose="eval")
-        if groups is None:
+        if not self._wait_for(self.eval_buffer, n):
             return {}
+        groups = [self.eval_buffer.popleft() for _ in range(n)]
         rewards = [g.msg.samples[0].reward for g in groups]
         lengths = [g.msg.samples[0].num_tokens for g in groups]
         return {"eval/accuracy": sum(r == 1.0 for r in rewards) / n, "eval/reward_mean": sum(rewards) / n,

@@ -62,15 +62,13 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
         metrics.log(0, hub.evaluate(version))
     for step in range(1, lc.steps + 1):
         t0 = time.time()
-        groups = None
-        if rank0 and not stop():
-            hub.request(lc.prompts_per_step, min_version=version)
-            groups = hub.collect(lc.prompts_per_step)
+        got = hub.next_batch(version) if rank0 and not stop() else None
+        groups, stats = got if got else (None, {})
         batch = broadcast_batch(build_batch(groups, tok.pad_token_id, cfg.algo.scale_advantages) if groups else None)
         if batch is None:  # rank 0 was asked to stop: every rank leaves the loop together
             break
-        stats = batch_metrics(batch, version)
-        if stats["async/lag_max"] > lc.max_staleness:
+        stats |= batch_metrics(batch, version)
+        if stats["async/lag_max"] > lc.max_staleness:  # next_batch drops these: this is a bug guard
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()
         stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather)
@@ -78,18 +76,33 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
         state = full_state_dict(policy)
         t2 = time.time()
         if rank0:
-            hub.publish(list(state.items()), version)
-            tokens = batch.mask.sum().item()
-            stats |= {"perf/gen_tokens_per_s": tokens / (t1 - t0), "perf/train_tokens_per_s": tokens / (t2 - t1),
-                      "perf/step_s": time.time() - t0, "policy/version": version}
-            if "lpreg/kl_sum" in stats:
-                stats["lpreg/kl_mean"] = stats["lpreg/kl_sum"] / max(stats["lpreg/regularised"], 1.0)
+            hub.publish(publishable(state, policy), version)
+            stats |= step_metrics(hub, batch, t0, t1, t2, version)
             if lc.eval_every and step % lc.eval_every == 0 and step != lc.steps:
                 stats |= hub.evaluate(version)
             metrics.log(step, stats)
     if rank0 and not stop():
         metrics.log(version, hub.evaluate(version) | {"policy/version": version})
     return version
+
+
+def publishable(state: dict[str, torch.Tensor], policy: Policy) -> list[tuple[str, torch.Tensor]]:
+    """Weights to send to generators (a tied lm_head is the embedding: sent once)."""
+    tied = policy.lm.config.tie_word_embeddings
+    return [(k, v) for k, v in state.items() if not (tied and k == "lm_head.weight")]
+
+
+def step_metrics(hub: RolloutHub, batch: Batch, t0: float, t1: float, t2: float, version: int) -> dict[str, float]:
+    busy, received = sum(hub.gen_busy_s.values()), hub.tokens_received
+    gen_busy, gen_tokens = busy - hub.last_gen_busy, received - hub.last_tokens_received
+    hub.last_gen_busy, hub.last_tokens_received = busy, received
+    wall = time.time() - t0
+    out = {"perf/train_tokens_per_s": batch.mask.sum().item() / (t2 - t1), "perf/step_s": wall,
+           "perf/learner_idle_frac": (t1 - t0) / wall, "perf/generator_busy_frac": gen_busy / (wall * len(hub.workers)),
+           "perf/weight_sync_s": time.time() - t2, "policy/version": version}
+    if gen_busy > 0:  # generator throughput over what arrived since the last step
+        out["perf/gen_tokens_per_s"] = gen_tokens / gen_busy
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(cfg.model.path)
     hub = metrics = None
     if rank == 0:
-        hub = RolloutHub(cfg, LearnerEndpoint(cfg.transport.host, cfg.transport.port), build_train_source(cfg),
+        hub = RolloutHub(cfg, LearnerEndpoint.from_config(cfg.transport, run_dir), build_train_source(cfg),
                          build_eval_problems(cfg), tok, stop=lambda: bool(stopping))
         hub.wait_for_workers(cfg.transport.timeout_s)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,

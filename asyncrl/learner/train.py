@@ -46,12 +46,16 @@ def train_on_batch(
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
     # One optimiser step and nothing to select: the weights of the training forward ARE
     # pi_old, so its detached log-probs serve as old log-probs (no separate pass).
-    fused = lc.ppo_mini_batches == 1 and not (algo.needs_proxy or algo.needs_selection)
+    fused = lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled" and not (algo.needs_proxy or algo.needs_selection)
     if fused:
         old, proxy, ent = None, None, torch.zeros(mask.shape)
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
         old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
+    is_weights = None
+    if lc.off_policy == "tis":  # truncated importance weight of pi_old against the behaviour policy
+        is_weights = torch.exp(old - batch.behaviour_logprobs).clamp(max=lc.tis_cap) * mask
+    ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
     def backward(loss: Tensor, last: bool) -> None:
         policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
@@ -71,8 +75,9 @@ def train_on_batch(
 
         # on the first mini-batch the weights are still pi_old: selection reuses its pass
         current = (old[r], ent[r] if algo.needs_entropy else None) if i == 0 and old is not None else None
-        mini = MiniBatch(None if old is None else old[r], adv_tok[r], mask[r],
-                         proxy_logprobs=None if proxy is None else proxy[r])
+        mini = MiniBatch(None if ratio_base is None else ratio_base[r], adv_tok[r], mask[r],
+                         proxy_logprobs=None if proxy is None else proxy[r],
+                         is_weights=None if is_weights is None else is_weights[r])
         metrics, _ = run_minibatch(algo, mini, forward, micro_batch_size=lc.micro_batch_size,
                                    all_gather=all_gather, rank=rank, max_len=float(cfg.generator.max_tokens),
                                    backward=backward, current=current)
@@ -91,4 +96,6 @@ def train_on_batch(
     out = {k: v / len(rows) for k, v in zip(keys, stats[:-2].tolist())}
     out["train/entropy"] = float(stats[-2] / stats[-1])
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
+    if "lpreg/kl_sum" in out:
+        out["lpreg/kl_mean"] = out["lpreg/kl_sum"] / max(out["lpreg/regularised"], 1.0)
     return out
