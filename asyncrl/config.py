@@ -231,6 +231,15 @@ class TransportConfig(_Section):
             raise ValueError("transport.max_message_mb and transport.max_weights_mb must be > 0")
 
 
+class DebugConfig(_Section):
+    """Knobs for tests and experiments; the defaults change nothing."""
+
+    learner_step_delay_s: float = 0.0
+    """Sleep this long in every learner step (simulates a slow learner)."""
+    generator_batch_delay_s: float = 0.0
+    """Sleep this long before every generation batch (simulates slow generators)."""
+
+
 class Config(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -241,6 +250,7 @@ class Config(_Section):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     algo: AlgoConfig = msgspec.field(default_factory=GRPOConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+    debug: DebugConfig = msgspec.field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         lc = self.learner

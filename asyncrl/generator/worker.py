@@ -21,12 +21,13 @@ import torch
 from asyncrl.config import Config, from_yaml_file
 from asyncrl.generator.engine import Engine, SamplingParams
 from asyncrl.logs import setup_logging
-from asyncrl.tasks import verify
+from asyncrl.rewards import RewardPool, build_reward_pool
 from asyncrl.wire.codec import SampleArrays, trajectory_frames, weight_tensors
 from asyncrl.wire.schema import Hello, Prompts, SampleMeta, Shutdown, TrajectoryGroup, WeightUpdate
 from asyncrl.wire.transport import GeneratorEndpoint
 
 log = logging.getLogger("asyncrl.generator")
+INLINE_REWARDS = RewardPool(processes=0)
 
 
 def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
@@ -61,19 +62,21 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
 
 
 def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int, between_steps=None,
-                busy_total_s: float = 0.0) -> list[tuple[TrajectoryGroup, list]]:
+                busy_total_s: float = 0.0, rewards: RewardPool | None = None) -> list[tuple[TrajectoryGroup, list]]:
     t0 = time.time()
     params = SamplingParams(n=msg.n, max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                             stop_token_ids=(tok.eos_token_id,))
     outs = engine.generate([g.prompt_ids for g in msg.groups], params, between_steps=between_steps)
     dt = time.time() - t0
+    items = [(g.data_source, tok.decode(c.token_ids, skip_special_tokens=True), g.ground_truth)
+             for g, comps in zip(msg.groups, outs) for c in comps]
+    scores = iter((rewards or INLINE_REWARDS).rewards(  # a process pool bounds slow math verification
+        items, [len(c.token_ids) for comps in outs for c in comps], msg.max_tokens, train=msg.purpose == "train"))
     results = []
     for g, comps in zip(msg.groups, outs):
         metas, arrays = [], []
         for c in comps:
-            text = tok.decode(c.token_ids, skip_special_tokens=True)
-            metas.append(SampleMeta(num_tokens=len(c.token_ids), reward=verify(g.data_source, text, g.ground_truth),
-                                    finish_reason=c.finish_reason))
+            metas.append(SampleMeta(num_tokens=len(c.token_ids), reward=next(scores), finish_reason=c.finish_reason))
             arrays.append(SampleArrays(np.asarray(c.token_ids, np.int32), np.asarray(c.logprobs, np.float32),
                                        np.asarray(c.versions, np.int32)))
         header = TrajectoryGroup(group_id=g.group_id, worker_id=worker_id, data_source=g.data_source,
@@ -88,8 +91,11 @@ class Worker:
     batches, and between decode steps of a batch in flight (the engine then re-encodes
     the prefix with them), so every token is sampled by the newest weights on hand."""
 
-    def __init__(self, engine: Engine, tok, link: GeneratorEndpoint, worker_id: int) -> None:
+    def __init__(self, engine: Engine, tok, link: GeneratorEndpoint, worker_id: int,
+                 rewards: RewardPool | None = None, delay_s: float = 0.0) -> None:
         self.engine, self.tok, self.link, self.worker_id = engine, tok, link, worker_id
+        self.rewards = rewards
+        self.delay_s = delay_s  # debug.generator_batch_delay_s
         self.pending: deque[Prompts] = deque()
         self.shutdown: str | None = None
         self.busy_s = 0.0  # cumulative generation time, reported with every group
@@ -116,7 +122,8 @@ class Worker:
                 self.handle(*got)
             while self.pending and self.pending[0].min_version <= self.engine.version and self.shutdown is None:
                 msg = self.pending.popleft()
-                results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s)
+                time.sleep(self.delay_s)
+                results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s, self.rewards)
                 self.busy_s = results[-1][0].busy_total_s
                 for header, frames in results:
                     self.link.send(header, frames)
@@ -139,9 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     engine, tok = build_engine(cfg, args.worker_id)
     link = GeneratorEndpoint.from_config(cfg.transport, args.address, args.worker_id, args.run_dir)
     link.send(Hello(worker_id=args.worker_id, version=engine.version))
+    rewards = build_reward_pool(cfg)
     try:
-        Worker(engine, tok, link, args.worker_id).serve(stop=lambda: bool(stopping))
+        Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s).serve(stop=lambda: bool(stopping))
     finally:
+        rewards.close()
         link.close()
         engine.shutdown()
 

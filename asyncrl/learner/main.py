@@ -71,6 +71,7 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
         if stats["async/lag_max"] > lc.max_staleness:  # next_batch drops these: this is a bug guard
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()
+        time.sleep(cfg.debug.learner_step_delay_s)
         stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather)
         version += 1
         state = full_state_dict(policy)

@@ -1,0 +1,50 @@
+"""One small in-process vLLM engine shared by every test here (starting one costs
+seconds to tens of seconds). Skipped, with the reason, where vLLM cannot be imported:
+install it with ``scripts/install_vllm_cpu.sh``; run with ``pytest -m vllm``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_vllm():
+    """Skip (with the reason) where vLLM is absent or broken; the import happens
+    only when a vllm test runs, so collecting the default suite stays fast."""
+    try:
+        # not a bare `import vllm`: with tests/ on sys.path this directory would
+        # satisfy it as a namespace package
+        from vllm import LLM  # noqa: F401
+    except Exception as e:  # a broken install (CUDA torchvision beside CPU torch) raises more than ImportError
+        pytest.skip(f"vllm is not importable ({type(e).__name__}: {e}); install it with scripts/install_vllm_cpu.sh")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory):
+    """A random Qwen3 with ``asyncrl.models.tiny_qwen3_config`` (tied embeddings) and
+    the char tokenizer, saved with ``save_hf``."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from asyncrl.models import save_hf, tiny_qwen3_config
+    from asyncrl.tasks.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(len(tok), tok.eos_token_id, tok.pad_token_id))
+    out = tmp_path_factory.mktemp("vllm_model") / "model"
+    save_hf(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_model_dir):
+    from asyncrl.generator.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(str(vllm_model_dir), dtype="float32", seed=0, kv_cache_bytes=64 << 20, max_model_len=256)
+    yield engine
+    engine.shutdown()

@@ -1,0 +1,106 @@
+"""The ``vllm`` engine against the learner's own arithmetic: sampled log-probs equal a
+float32 transformers recomputation at the sampling temperature, and a weight update
+is served at once (prefix cache included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncrl.generator.engine import SamplingParams
+
+pytestmark = pytest.mark.vllm
+
+EOS = 1
+TOL = 1e-4
+
+
+def hf_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each completion token, float32, one forward pass."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (C, V)
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def max_error(model, prompts, outs, temperature) -> float:
+    err = 0.0
+    for prompt, comps in zip(prompts, outs):
+        for c in comps:
+            ref = hf_logprobs(model, prompt, c.token_ids, temperature)
+            err = max(err, (torch.tensor(c.logprobs) - ref).abs().max().item())
+    return err
+
+
+@pytest.fixture(scope="module")
+def hf_model(vllm_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+
+
+PROMPTS = [[5, 6, 7, 15, 8], [9, 9, 3, 12, 4, 20, 11, 2], [14]]
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_logprobs_match_learner(vllm_engine, hf_model, temperature):
+    params = SamplingParams(n=4, max_tokens=24, temperature=temperature, stop_token_ids=(EOS,))
+    outs = vllm_engine.generate(PROMPTS, params)
+    assert [len(o) for o in outs] == [4, 4, 4]
+    for comps in outs:
+        for c in comps:
+            assert len(c.token_ids) == len(c.logprobs) == len(c.versions) >= 1
+            assert c.versions == [vllm_engine.version] * len(c.token_ids)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
+            else:
+                assert c.finish_reason == "length" and len(c.token_ids) == 24 and EOS not in c.token_ids
+    assert max_error(hf_model, PROMPTS, outs, temperature) < TOL
+
+
+def test_weight_update_is_served_at_once(vllm_engine, hf_model, vllm_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [[(3 * i) % 19 + 2 for i in range(160)]]  # > one KV block (128 tokens on CPU): prefix-cached on reuse
+    params = SamplingParams(n=2, max_tokens=8, temperature=1.0, stop_token_ids=(EOS,))
+    vllm_engine.generate(prompt, params)  # fill the prefix cache with the old weights' KV
+    before = vllm_engine.generate(prompt, params)
+    assert max_error(hf_model, prompt, before, 1.0) < TOL
+
+    new = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # names as the learner publishes them: the tied lm_head.weight included
+    named = [(n, p.detach().clone()) for n, p in new.named_parameters(remove_duplicate=False)]
+    assert "lm_head.weight" in dict(named)
+    old_version = vllm_engine.version
+    vllm_engine.load_weights(named, version=old_version + 1)
+    try:
+        assert vllm_engine.version == old_version + 1
+        after = vllm_engine.generate(prompt, params)
+        assert all(c.versions == [old_version + 1] * len(c.token_ids) for c in after[0])
+        assert max_error(new, prompt, after, 1.0) < TOL
+        assert max_error(hf_model, prompt, after, 1.0) > 1e-2  # and not the old weights'
+    finally:  # other tests share this engine: put the original weights back
+        vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=old_version)
+
+
+def test_prefix_cache_would_be_stale_without_reset(vllm_engine, hf_model):
+    """The control for the test above: loading weights without resetting vLLM's
+    prefix cache serves KV computed by the old weights."""
+    prompt = [[(5 * i) % 19 + 2 for i in range(160)]]
+    params = SamplingParams(n=1, max_tokens=4, temperature=1.0, stop_token_ids=(EOS,))
+    vllm_engine.generate(prompt, params)
+    scaled = [(n, p.detach() * (1.5 if n.endswith("mlp.down_proj.weight") else 1.0)) for n, p in hf_model.named_parameters()]
+    vllm_engine.llm.collective_rpc("asyncrl_load_weights", args=(scaled,))  # no reset_prefix_cache()
+    try:
+        stale = vllm_engine.generate(prompt, params)
+        import copy
+
+        new = copy.deepcopy(hf_model)
+        new.load_state_dict(dict(scaled), strict=False)
+        assert max_error(new, prompt, stale, 1.0) > 1e-3
+    finally:
+        vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=vllm_engine.version)
