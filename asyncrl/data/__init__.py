@@ -30,12 +30,33 @@ class TaskSource:
         return self.task.sample(self.seed, index)
 
 
-def build_train_source(cfg: Config) -> PromptSource:
+def _tokenizer(cfg: Config, tok):
+    if tok is None:
+        from asyncrl.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.model.path)
+    return tok
+
+
+def build_train_source(cfg: Config, tok=None) -> PromptSource:
+    """``data.train_files`` in veRL layout if given, else the synthetic ``task``."""
+    d = cfg.data
+    if d.train_files:
+        from asyncrl.data.files import DatasetSource, load_problems
+
+        problems = load_problems(d.train_files, _tokenizer(cfg, tok), d.max_prompt_length, d.truncation)
+        return DatasetSource(problems, cfg.run.seed, d.shuffle)
     task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
     return TaskSource(task, cfg.run.seed)
 
 
-def build_eval_problems(cfg: Config) -> list[Problem]:
-    """The held-out problems: a seed disjoint from the training stream's."""
+def build_eval_problems(cfg: Config, tok=None) -> list[Problem]:
+    """``data.eval_files`` (every row, in order) if given, else held-out synthetic problems
+    (a seed disjoint from the training stream's)."""
+    d = cfg.data
+    if d.eval_files:
+        from asyncrl.data.files import load_problems
+
+        return load_problems(d.eval_files, _tokenizer(cfg, tok), d.max_prompt_length, d.truncation)
     task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
     return [task.sample(-1 - cfg.run.seed, i) for i in range(cfg.task.eval_size)]

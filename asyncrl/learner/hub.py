@@ -14,6 +14,8 @@ import torch
 
 from asyncrl.config import Config
 from asyncrl.data import PromptSource
+from asyncrl.eval.sampling import hub_metrics, prompt_ids
+from asyncrl.eval.sampling import plan as eval_plan
 from asyncrl.tasks import Problem
 from asyncrl.wire.codec import SampleArrays, trajectory_arrays, weight_frames
 from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
@@ -67,7 +69,7 @@ class RolloutHub:
 
     def _groups(self, problems) -> list[PromptGroup]:
         return [
-            PromptGroup(group_id=gid, prompt_ids=self.tok(p.prompt)["input_ids"], ground_truth=p.ground_truth,
+            PromptGroup(group_id=gid, prompt_ids=prompt_ids(p, self.tok), ground_truth=p.ground_truth,
                         data_source=p.data_source)
             for gid, p in problems
         ]
@@ -157,17 +159,17 @@ class RolloutHub:
                        "async/learner_wait_s": time.monotonic() - t0}
 
     def evaluate(self, version: int) -> dict[str, float]:
-        """Held-out accuracy: one sample per problem at the training temperature."""
-        n = len(self.eval_problems)
-        problems = [(-1 - i, p) for i, p in enumerate(self.eval_problems)]  # negative ids: never trained on
-        self._send(self._groups(problems), version, 1, self.cfg.generator.temperature, "eval")
+        """Held-out mean@k / pass@k per data_source, each source sampled at its eval
+        temperature (``asyncrl.eval.sampling``: AIME / AIME25 at 0.6), ``eval.k`` samples each."""
+        n, k = len(self.eval_problems), self.cfg.eval.k
+        for temperature, idx in eval_plan(self.eval_problems, self.cfg).items():
+            problems = [(-1 - i, self.eval_problems[i]) for i in idx]  # negative ids: never trained on
+            self._send(self._groups(problems), version, k, temperature, "eval")
         if not self._wait_for(self.eval_buffer, n):
             return {}
         groups = [self.eval_buffer.popleft() for _ in range(n)]
-        rewards = [g.msg.samples[0].reward for g in groups]
-        lengths = [g.msg.samples[0].num_tokens for g in groups]
-        return {"eval/accuracy": sum(r == 1.0 for r in rewards) / n, "eval/reward_mean": sum(rewards) / n,
-                "eval/response_length": sum(lengths) / n}
+        return hub_metrics(self.eval_problems, [(-1 - g.msg.group_id, [s.reward for s in g.msg.samples],
+                                                 [s.num_tokens for s in g.msg.samples]) for g in groups], k)
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         msg, frames = weight_frames(named, version)

@@ -12,6 +12,7 @@ class Problem:
     ground_truth: str
     data_source: str
     solution: str = ""  # a reference response (used by the warm-start only)
+    prompt_ids: tuple[int, ...] = ()  # chat-templated token ids (dataset rows); empty = tokenize prompt
 
 
 class Task(Protocol):
@@ -30,14 +31,29 @@ def register_verifier(data_source: str, fn: Callable[[str, str], float]) -> None
     _VERIFIERS[data_source] = fn
 
 
-def verify(data_source: str, response: str, ground_truth: str) -> float:
-    try:
-        fn = _VERIFIERS[data_source]
-    except KeyError:
+# (substring, verifier): a data_source with no exact entry that contains the substring
+# (case-insensitive) uses that verifier; benchmarks come under many spellings.
+_PATTERNS: list[tuple[str, Callable[[str, str], float]]] = []
+
+
+def register_verifier_pattern(substring: str, fn: Callable[[str, str], float]) -> None:
+    _PATTERNS.append((substring.lower(), fn))
+
+
+def find_verifier(data_source: str) -> Callable[[str, str], float]:
+    fn = _VERIFIERS.get(data_source)
+    if fn is None:
+        fn = next((f for sub, f in _PATTERNS if sub in data_source.lower()), None)
+    if fn is None:
         raise KeyError(
-            f"no verifier for data_source {data_source!r}; known: {sorted(_VERIFIERS)}"
-        ) from None
-    return fn(response, ground_truth)
+            f"no verifier for data_source {data_source!r}; known: {sorted(_VERIFIERS)}, or any name containing "
+            f"one of {[sub for sub, _ in _PATTERNS]}; rename the rows' data_source or register a verifier"
+        )
+    return fn
+
+
+def verify(data_source: str, response: str, ground_truth: str) -> float:
+    return find_verifier(data_source)(response, ground_truth)
 
 
 def build_task(name: str, **kwargs) -> Task:

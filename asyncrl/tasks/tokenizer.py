@@ -8,6 +8,9 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, EOS = "<pad>", "<eos>"
 CHARS = "0123456789+-*=;#() "
+# Chat messages render to the bare user contents (no role markers, nothing for the generation
+# prompt), so a veRL-layout row tokenizes to the same ids as the raw prompt.
+CHAT_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}{% endfor %}"
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -15,4 +18,6 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    out.chat_template = CHAT_TEMPLATE
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: per-data_source sampling, mean@k / pass@k (``python -m asyncrl.eval``)."""
