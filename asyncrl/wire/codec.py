@@ -1,42 +1,94 @@
-"""Encode/decode messages to ZeroMQ frames, and the raw array frames they carry."""
+"""Encode/decode messages to ZeroMQ frames, and the raw array frames they carry.
+
+``decode`` reads the header only; ``decode_checked`` is what a receiver calls: size
+limits, header, protocol version, the kinds this receiver takes, and every array frame
+against what the header declares. A message it returns can be handed to
+``trajectory_arrays`` / ``weight_tensors`` without another failure mode.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 import torch
 
-from asyncrl.wire.schema import PROTOCOL_VERSION, Message, TensorMeta, TrajectoryGroup, WeightUpdate
+from asyncrl.wire.schema import (
+    MAX_DIMS, MAX_TENSORS, PROTOCOL_VERSION, WEIGHT_DTYPES, Message, TensorMeta, TrajectoryGroup, WeightUpdate,
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_EXTENT = 1 << 48  # product of a shape's dimensions (zeros counted as 1): far above any real tensor
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 
 
 class WireError(ValueError):
-    """A frame that does not decode into the schema; the receiver drops it and goes on."""
+    """A message that does not decode into the schema; the receiver drops it and goes on.
+
+    ``reason`` is a short stable tag (the receiver counts rejections per reason)."""
+
+    def __init__(self, detail: str, reason: str = "invalid") -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one receiver accepts. libzmq drops a single frame over ``max_message_bytes``
+    before allocating it (ZMQ_MAXMSGSIZE); the total and the frame count are checked here."""
+
+    max_message_bytes: int = 64 << 20
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_frames: int = MAX_TENSORS + 1
+    kinds: tuple[type, ...] | None = None  # message types this receiver takes; None = all
 
 
 def encode(msg: Message, frames=()) -> list:
     return [_encoder.encode(msg), *frames]
 
 
-def decode(frames: list) -> tuple[Message, list]:
+def decode(frames: list, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[Message, list]:
+    """Header only: (message, the raw frames after it)."""
     if not frames:
-        raise WireError("empty message")
+        raise WireError("empty message", "empty")
     head = frames[0]
-    if len(head) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(head) > max_header_bytes:
+        raise WireError(f"header of {len(head)} bytes exceeds {max_header_bytes}", "oversize")
     try:
         msg = _decoder.decode(head)
-    except msgspec.DecodeError as e:
-        raise WireError(f"undecodable header: {e}") from None
+    except msgspec.ValidationError as e:  # msgpack, but not our schema (or out of bounds)
+        raise WireError(f"invalid header: {e}", "schema") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter for bad UTF-8 in a str
+        raise WireError(f"undecodable header: {e}", "undecodable") from None
     if msg.proto != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {msg.proto}, expected {PROTOCOL_VERSION}")
+        raise WireError(f"protocol version {msg.proto}, expected {PROTOCOL_VERSION}", "version")
     return msg, list(frames[1:])
+
+
+def decode_checked(frames: list, limits: Limits = Limits()) -> tuple[Message, list]:
+    """Everything a receiver checks before it trusts a message; raises WireError."""
+    if len(frames) > limits.max_frames:
+        raise WireError(f"{len(frames)} frames exceed {limits.max_frames}", "oversize")
+    total = sum(memoryview(f).nbytes for f in frames)
+    if total > limits.max_message_bytes:
+        raise WireError(f"message of {total} bytes exceeds {limits.max_message_bytes} "
+                        "(transport.max_message_mb / max_weights_mb)", "oversize")
+    msg, rest = decode(frames, limits.max_header_bytes)
+    if limits.kinds is not None and not isinstance(msg, limits.kinds):
+        raise WireError(f"{type(msg).__name__} messages are not accepted by this endpoint", "kind")
+    if isinstance(msg, TrajectoryGroup):
+        trajectory_arrays(msg, rest)
+    elif isinstance(msg, WeightUpdate):
+        _weight_layout(msg, rest)
+    elif rest:
+        raise WireError(f"{type(msg).__name__} carries no array frames, got {len(rest)}", "frames")
+    return msg, rest
 
 
 # ----------------------------------------------------------------- trajectories
@@ -58,17 +110,24 @@ def trajectory_frames(samples: list[SampleArrays]) -> list[bytes]:
 
 
 def trajectory_arrays(msg: TrajectoryGroup, frames: list) -> list[SampleArrays]:
+    """Zero-copy views of the three frames, split per sample; raises WireError."""
     if len(frames) != 3:
-        raise WireError(f"trajectory message needs 3 array frames, got {len(frames)}")
-    total = sum(s.num_tokens for s in msg.samples)
+        raise WireError(f"trajectory message needs 3 array frames, got {len(frames)}", "frames")
+    if not msg.samples:
+        raise WireError("trajectory message without samples", "arrays")
     if any(s.num_tokens < 0 for s in msg.samples):
-        raise WireError("negative sample length")
+        raise WireError("negative sample length", "arrays")
+    total = sum(s.num_tokens for s in msg.samples)  # Python ints: a huge declaration cannot wrap
+    if total == 0:  # no token, no policy version: staleness is undefined
+        raise WireError("trajectory message without tokens", "arrays")
     arrays = []
     for frame, dtype in zip(frames, ("<i4", "<f4", "<i4")):
         buf = memoryview(frame)
         if buf.nbytes != 4 * total:
-            raise WireError(f"array frame of {buf.nbytes} bytes, header declares {total} x 4")
+            raise WireError(f"array frame of {buf.nbytes} bytes, header declares {total} x 4", "arrays")
         arrays.append(np.frombuffer(buf, dtype=dtype))
+    if arrays[2].min() < 0:
+        raise WireError("negative policy version in the version frame", "values")
     out, start = [], 0
     for s in msg.samples:
         end = start + s.num_tokens
@@ -89,20 +148,34 @@ def weight_frames(named: list[tuple[str, torch.Tensor]], version: int) -> tuple[
     return WeightUpdate(version=version, tensors=metas), frames
 
 
-def weight_tensors(msg: WeightUpdate, frames: list) -> list[tuple[str, torch.Tensor]]:
+def _weight_layout(msg: WeightUpdate, frames: list) -> list[tuple[TensorMeta, torch.dtype, memoryview]]:
+    """Check every tensor's dtype, shape and byte count against its frame (no copies)."""
     if len(frames) != len(msg.tensors):
-        raise WireError(f"weight message has {len(frames)} frames for {len(msg.tensors)} tensors")
+        raise WireError(f"weight message has {len(frames)} frames for {len(msg.tensors)} tensors", "frames")
     out = []
     for meta, frame in zip(msg.tensors, frames):
-        dtype = getattr(torch, meta.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise WireError(f"unknown dtype {meta.dtype!r} for {meta.name}")
+        dtype = _TORCH_DTYPES.get(meta.dtype) if isinstance(meta.dtype, str) else None
+        if dtype is None:
+            raise WireError(f"unknown dtype {str(meta.dtype)[:64]!r} for {meta.name[:200]!r}", "dtype")
+        if len(meta.shape) > MAX_DIMS:
+            raise WireError(f"{meta.name[:200]!r}: {len(meta.shape)} dimensions exceed {MAX_DIMS}", "arrays")
         if any(d < 0 for d in meta.shape):
-            raise WireError(f"negative dimension in {meta.name}")
-        numel = int(np.prod(meta.shape, dtype=np.int64))
+            raise WireError(f"negative dimension in {meta.name[:200]!r}", "arrays")
+        if math.prod(max(d, 1) for d in meta.shape) > MAX_EXTENT:  # torch overflows on empty [2**62, 2**62, 0]
+            raise WireError(f"{meta.name[:200]!r}: shape {meta.shape} is absurd", "arrays")
+        numel = math.prod(meta.shape)  # exact: [2**32, 2**32] must not wrap to 0 as int64 would
         buf = memoryview(frame)
         if buf.nbytes != numel * dtype.itemsize:
-            raise WireError(f"{meta.name}: {buf.nbytes} bytes, header declares {meta.shape} {meta.dtype}")
-        raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if numel else torch.empty(0, dtype=torch.uint8)
+            raise WireError(f"{meta.name[:200]!r}: {buf.nbytes} bytes, header declares {meta.shape} {meta.dtype}",
+                            "arrays")
+        out.append((meta, dtype, buf))
+    return out
+
+
+def weight_tensors(msg: WeightUpdate, frames: list) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for meta, dtype, buf in _weight_layout(msg, frames):
+        # a copy: the engine keeps these tensors after the ZeroMQ frame is released
+        raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
         out.append((meta.name, raw.view(dtype).reshape(meta.shape)))
     return out

@@ -4,13 +4,42 @@ A message is a multipart ZeroMQ message: frame 0 is the msgpack-encoded header (
 tagged union, carrying ``PROTOCOL_VERSION``), frames 1.. are raw little-endian arrays
 whose dtypes and lengths the header declares. Nothing is ever pickled; a frame that
 does not decode into this schema is rejected by the receiver.
+
+The field constraints below are protocol sanity bounds, checked by msgspec while it
+decodes (list lengths before anything is allocated): a header that declares an absurd
+sample count, token budget, dimension or a non-finite reward is rejected at the door,
+so no code behind the socket has to trust a peer's numbers. Resource limits (bytes per
+message) are configuration: see ``asyncrl.wire.codec.Limits``.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, get_args
+
 import msgspec
 
 PROTOCOL_VERSION = 1
+
+MAX_SAMPLES = 4096  # answers per prompt (Prompts.n, TrajectoryGroup.samples)
+MAX_TOKENS = 1 << 20  # tokens in one prompt or one answer
+MAX_GROUPS = 1 << 16  # prompt groups in one Prompts message
+MAX_TENSORS = 1 << 16  # tensors in one weight update
+MAX_DIMS = 8
+MAX_TEXT = 1 << 16  # characters in a free-text field (ground truth, data source, names)
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # int32 in the per-token version frame
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Dim = Annotated[int, msgspec.Meta(ge=0, le=2**48)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Finite = Annotated[float, msgspec.Meta(ge=-1e30, le=1e30)]  # NaN and inf fail both bounds
+Purpose = Literal["train", "eval"]
+
+# The only dtype names a weight header may carry. An explicit list, not getattr(torch,
+# name): a peer must not be able to name arbitrary torch attributes.
+WeightDtype = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+WEIGHT_DTYPES: tuple[str, ...] = get_args(WeightDtype)
 
 
 class _Msg(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
@@ -18,35 +47,35 @@ class _Msg(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields
 
 
 class PromptGroup(msgspec.Struct, forbid_unknown_fields=True):
-    group_id: int
-    prompt_ids: list[int]
-    ground_truth: str
-    data_source: str
+    group_id: Int64  # negative ids are eval problems
+    prompt_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_TOKENS)]
+    ground_truth: Text
+    data_source: Text
 
 
 class Hello(_Msg, tag="hello"):
     """Generator -> learner: a worker is up and runs weights of ``version``."""
 
-    worker_id: int
-    version: int
+    worker_id: Count
+    version: Version
 
 
 class Prompts(_Msg, tag="prompts"):
     """Learner -> generator: sample ``n`` answers for each group with weights >= min_version."""
 
-    groups: list[PromptGroup]
-    min_version: int
-    n: int
-    temperature: float
-    top_p: float
-    max_tokens: int
-    purpose: str = "train"  # "train" | "eval"
+    groups: Annotated[list[PromptGroup], msgspec.Meta(max_length=MAX_GROUPS)]
+    min_version: Version
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_SAMPLES)]
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1e3)]
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
+    purpose: Purpose = "train"
 
 
 class SampleMeta(msgspec.Struct, forbid_unknown_fields=True):
-    num_tokens: int
-    reward: float
-    finish_reason: str
+    num_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+    reward: Finite
+    finish_reason: Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class TrajectoryGroup(_Msg, tag="trajectories"):
@@ -54,30 +83,33 @@ class TrajectoryGroup(_Msg, tag="trajectories"):
     token ids (int32), sampled log-probs (float32) and per-token policy versions
     (int32) of all samples concatenated; ``samples[i].num_tokens`` splits them."""
 
-    group_id: int
-    worker_id: int
-    data_source: str
-    prompt_ids: list[int]
-    samples: list[SampleMeta]
-    purpose: str = "train"
-    gen_seconds: float = 0.0
+    group_id: Int64
+    worker_id: Count
+    data_source: Text
+    prompt_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_TOKENS)]
+    samples: Annotated[list[SampleMeta], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
+    purpose: Purpose = "train"
+    gen_seconds: Annotated[float, msgspec.Meta(ge=0.0, le=1e9)] = 0.0
+    busy_total_s: Annotated[float, msgspec.Meta(ge=0.0, le=1e12)] = 0.0  # the worker's generation time so far
 
 
 class TensorMeta(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    dtype: str  # torch dtype name without the "torch." prefix
-    shape: list[int]
+    name: Text
+    dtype: WeightDtype  # torch dtype name without the "torch." prefix
+    shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 
 
 class WeightUpdate(_Msg, tag="weights"):
     """Learner -> generator: new weights; one raw frame per tensor, in order."""
 
-    version: int
-    tensors: list[TensorMeta]
+    version: Version
+    tensors: Annotated[list[TensorMeta], msgspec.Meta(max_length=MAX_TENSORS)]
 
 
 class Shutdown(_Msg, tag="shutdown"):
-    reason: str = ""
+    reason: Text = ""
 
 
 Message = Hello | Prompts | TrajectoryGroup | WeightUpdate | Shutdown
+UPSTREAM = (Hello, TrajectoryGroup)  # what a learner receives
+DOWNSTREAM = (Prompts, WeightUpdate, Shutdown)  # what a generator receives
