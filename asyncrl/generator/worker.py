@@ -9,6 +9,7 @@ that asks for a newer version than the engine has waits for those weights.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import time
@@ -96,6 +97,7 @@ class Worker:
         self.engine, self.tok, self.link, self.worker_id = engine, tok, link, worker_id
         self.rewards = rewards
         self.delay_s = delay_s  # debug.generator_batch_delay_s
+        self.timeline = None  # a file: one JSON line per engine batch
         self.pending: deque[Prompts] = deque()
         self.shutdown: str | None = None
         self.busy_s = 0.0  # cumulative generation time, reported with every group
@@ -123,8 +125,13 @@ class Worker:
             while self.pending and self.pending[0].min_version <= self.engine.version and self.shutdown is None:
                 msg = self.pending.popleft()
                 time.sleep(self.delay_s)
+                t0 = time.time()
                 results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s, self.rewards)
                 self.busy_s = results[-1][0].busy_total_s
+                if self.timeline is not None:  # activity spans, for benchmarks/async_speedup.py
+                    self.timeline.write(json.dumps({"start": t0, "end": time.time(), "purpose": msg.purpose,
+                                                    "groups": len(msg.groups)}) + "\n")
+                    self.timeline.flush()
                 for header, frames in results:
                     self.link.send(header, frames)
         log.info("stopping: %s", self.shutdown or "signal")
@@ -148,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     link.send(Hello(worker_id=args.worker_id, version=engine.version))
     rewards = build_reward_pool(cfg)
     try:
-        Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s).serve(stop=lambda: bool(stopping))
+        worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s)
+        worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("w")
+        worker.serve(stop=lambda: bool(stopping))
     finally:
         rewards.close()
         link.close()

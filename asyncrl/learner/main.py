@@ -99,6 +99,7 @@ def step_metrics(hub: RolloutHub, batch: Batch, t0: float, t1: float, t2: float,
     hub.last_gen_busy, hub.last_tokens_received = busy, received
     wall = time.time() - t0
     out = {"perf/train_tokens_per_s": batch.mask.sum().item() / (t2 - t1), "perf/step_s": wall,
+           "time/step_start": t0, "time/train_start": t1, "time/train_end": t2,
            "perf/learner_idle_frac": (t1 - t0) / wall, "perf/generator_busy_frac": gen_busy / (wall * len(hub.workers)),
            "perf/weight_sync_s": time.time() - t2, "policy/version": version}
     if gen_busy > 0:  # generator throughput over what arrived since the last step
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(cfg.model.path)
     hub = metrics = None
     if rank == 0:
-        hub = RolloutHub(cfg, LearnerEndpoint.from_config(cfg.transport, run_dir), build_train_source(cfg),
-                         build_eval_problems(cfg), tok, stop=lambda: bool(stopping))
+        hub = RolloutHub(cfg, LearnerEndpoint.from_config(cfg.transport, run_dir), build_train_source(cfg, tok),
+                         build_eval_problems(cfg, tok), tok, stop=lambda: bool(stopping))
         hub.wait_for_workers(cfg.transport.timeout_s)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
                                 tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
