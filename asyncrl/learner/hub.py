@@ -38,13 +38,17 @@ class Group:
 
 class RolloutHub:
     def __init__(self, cfg: Config, endpoint: LearnerEndpoint, source: PromptSource, eval_problems: list[Problem],
-                 tokenizer, stop: Callable[[], bool] = lambda: False) -> None:
+                 tokenizer, stop: Callable[[], bool] = lambda: False, vocab_size: int = 2**31 - 1) -> None:
         self.cfg, self.ep, self.source, self.tok, self.stop = cfg, endpoint, source, tokenizer, stop
         self.eval_problems = eval_problems
+        self.vocab_size = vocab_size
         self.workers: list[bytes] = []
         self.next_worker = 0
         self.train_index = 0  # data position: the next training problem
-        self.in_flight = 0  # training groups requested and not yet received
+        self.outstanding: set[int] = set()  # training group ids requested, not yet received
+        self.outstanding_eval: set[int] = set()
+        self.rejected_groups = 0
+        self.version = 0  # the newest weights published
         self.buffer: deque[Group] = deque()  # received training groups, oldest first
         self.eval_buffer: deque[Group] = deque()
         self.dropped_total = 0
@@ -82,7 +86,7 @@ class RolloutHub:
             problems.append((self.train_index, self.source.problem(self.train_index)))
             self.train_index += 1
         self._send(self._groups(problems), min_version, g.samples_per_prompt, g.temperature, "train")
-        self.in_flight += num_groups
+        self.outstanding.update(gid for gid, _ in problems)
 
     def _send(self, groups: list[PromptGroup], min_version: int, n: int, temperature: float, purpose: str) -> None:
         g = self.cfg.generator
@@ -96,7 +100,12 @@ class RolloutHub:
         self.next_worker = (self.next_worker + 1) % W
 
     def _receive(self, timeout_s: float) -> bool:
-        """File one arriving group into its buffer; False if nothing came in time."""
+        """File one arriving group into its buffer; False if nothing came in time.
+
+        The endpoint has checked the message's form; here its content is checked against
+        what was asked: a group id that is not outstanding (unknown or a duplicate), a
+        token id outside the vocabulary or a version newer than the learner's is
+        rejected, counted and logged, never trained on."""
         got = self.ep.recv(timeout_s=timeout_s)
         if got is None:
             return False
@@ -105,14 +114,38 @@ class RolloutHub:
             log.warning("unexpected %s message from a generator; dropped", type(msg).__name__)
             return True
         group = Group(msg, trajectory_arrays(msg, frames))
+        problem = self._check(group)
+        if problem:
+            self.rejected_groups += 1
+            log.warning("rejected trajectory group %d from worker %d: %s (%d so far)", msg.group_id, msg.worker_id,
+                        problem, self.rejected_groups)
+            return True
         if msg.purpose == "train":
-            self.in_flight -= 1
+            self.outstanding.remove(msg.group_id)
             self.buffer.append(group)
             self.gen_busy_s[msg.worker_id] = msg.busy_total_s
             self.tokens_received += sum(x.num_tokens for x in msg.samples)
         else:
+            self.outstanding_eval.remove(msg.group_id)
             self.eval_buffer.append(group)
         return True
+
+    def _check(self, group: Group) -> str:
+        msg = group.msg
+        pending = self.outstanding if msg.purpose == "train" else self.outstanding_eval
+        if msg.group_id not in pending:
+            return "group id not outstanding (unknown or duplicate)"
+        for s in group.samples:
+            if len(s.token_ids) and int(s.token_ids.max()) >= self.vocab_size:
+                return f"token id {int(s.token_ids.max())} outside the vocabulary ({self.vocab_size})"
+            if len(s.versions) and int(s.versions.max()) > self.version:
+                return f"policy version {int(s.versions.max())} is newer than the learner's {self.version}"
+        return ""
+
+    @property
+    def in_flight(self) -> int:
+        """Training groups requested and not yet received."""
+        return len(self.outstanding)
 
     def _wait_for(self, buffer: deque, count: int) -> bool:
         """Block until ``buffer`` holds ``count`` groups; False if a stop was requested."""
@@ -164,6 +197,7 @@ class RolloutHub:
         n, k = len(self.eval_problems), self.cfg.eval.k
         for temperature, idx in eval_plan(self.eval_problems, self.cfg).items():
             problems = [(-1 - i, self.eval_problems[i]) for i in idx]  # negative ids: never trained on
+            self.outstanding_eval.update(gid for gid, _ in problems)
             self._send(self._groups(problems), version, k, temperature, "eval")
         if not self._wait_for(self.eval_buffer, n):
             return {}
@@ -172,6 +206,7 @@ class RolloutHub:
                                                  [s.num_tokens for s in g.msg.samples]) for g in groups], k)
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        self.version = version
         msg, frames = weight_frames(named, version)
         for w in self.workers:
             self.ep.send(w, msg, frames)

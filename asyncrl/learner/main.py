@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     hub = metrics = None
     if rank == 0:
         hub = RolloutHub(cfg, LearnerEndpoint.from_config(cfg.transport, run_dir), build_train_source(cfg, tok),
-                         build_eval_problems(cfg, tok), tok, stop=lambda: bool(stopping))
+                         build_eval_problems(cfg, tok), tok, stop=lambda: bool(stopping),
+                         vocab_size=policy.lm.config.vocab_size)
         hub.wait_for_workers(cfg.transport.timeout_s)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
                                 tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)

@@ -3,6 +3,8 @@ message is a WireError that the endpoint counts and survives."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import numpy as np
 import pytest
@@ -26,6 +28,13 @@ def samples(lengths, seed=0) -> list[SampleArrays]:
     return [SampleArrays(rng.integers(-2**31, 2**31 - 1, n, dtype=np.int32),
                          rng.standard_normal(n).astype(np.float32),
                          rng.integers(0, 100, n, dtype=np.int32)) for n in lengths]
+
+
+def valid_samples(lengths, seed=0) -> list[SampleArrays]:
+    """Samples a learner at version 0 with a 1000-token vocabulary accepts."""
+    rng = np.random.default_rng(seed)
+    return [SampleArrays(rng.integers(0, 1000, n, dtype=np.int32), rng.standard_normal(n).astype(np.float32),
+                         np.zeros(n, dtype=np.int32)) for n in lengths]
 
 
 def traj_header(lengths) -> TrajectoryGroup:
@@ -174,19 +183,54 @@ def test_only_garbage_times_out_with_none(link):
     assert learner.rejected == 1
 
 
-@pytest.mark.xfail(strict=True, raises=WireError, reason=(
-    "bug: RolloutHub.collect calls trajectory_arrays without catching WireError, so one malformed "
-    "trajectory group kills the learner (DESIGN: rejected, counted, logged, keep running)"))
 def test_hub_drops_a_malformed_trajectory_and_keeps_collecting(link):
     from asyncrl.config import Config
     from asyncrl.learner.hub import RolloutHub
 
     learner, gen = link
-    hub = RolloutHub(Config(), learner, task=None, tokenizer=None)
+    hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None)
+    hub.outstanding.add(3)
+    hub.version = 100
     lengths = [2, 3]
-    frames = trajectory_frames(samples(lengths))
+    frames = trajectory_frames(valid_samples(lengths))
     gen.send(traj_header(lengths), [frames[0], frames[1][:-4], frames[2]])  # a log-prob short
     gen.send(traj_header(lengths), frames)
-    groups = hub.collect(1)
-    assert len(groups) == 1 and [len(s.token_ids) for s in groups[0].samples] == lengths
-    assert learner.rejected == 1
+    assert hub._wait_for(hub.buffer, 1)
+    group = hub.buffer.popleft()
+    assert [len(s.token_ids) for s in group.samples] == lengths
+    assert learner.rejected == 1 and hub.rejected_groups == 0
+
+
+
+def test_hub_rejects_unrequested_duplicate_and_out_of_range_groups(link):
+    """Content checks: only outstanding group ids, token ids inside the vocabulary and
+    versions no newer than the learner's are accepted; each group id at most once."""
+    from asyncrl.config import Config
+    from asyncrl.learner.hub import RolloutHub
+
+    learner, gen = link
+    hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None, vocab_size=1000)
+    hub.outstanding.update({0, 1})
+    lengths = [2, 3]
+    good = trajectory_frames(valid_samples(lengths))
+
+    def header(gid):
+        h = traj_header(lengths)
+        return type(h)(**{**{f: getattr(h, f) for f in h.__struct_fields__}, "group_id": gid})
+
+    gen.send(header(7), good)  # never requested
+    big = valid_samples(lengths)
+    big[0].token_ids[0] = 5000
+    gen.send(header(0), trajectory_frames(big))  # token outside the vocabulary
+    future = valid_samples(lengths)
+    future[1].versions[:] = 3
+    gen.send(header(0), trajectory_frames(future))  # newer than the learner's version 0
+    gen.send(header(0), good)
+    gen.send(header(0), good)  # duplicate
+    gen.send(header(1), good)
+    assert hub._wait_for(hub.buffer, 2)
+    assert [g.msg.group_id for g in hub.buffer] == [0, 1]
+    deadline = time.monotonic() + 5
+    while hub.rejected_groups < 4 and time.monotonic() < deadline:
+        hub._receive(timeout_s=0.2)
+    assert hub.rejected_groups == 4 and hub.in_flight == 0
