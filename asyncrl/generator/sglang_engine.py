@@ -28,7 +28,7 @@ import os
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import Tensor
 
@@ -142,7 +142,11 @@ class SGLangEngine:
                                         mem_fraction_static=mem_fraction_static, skip_tokenizer_init=True,
                                         log_level="error")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
+    ) -> list[list[Completion]]:
+        """One blocking request; ``between_steps`` is never called: SGLang does not
+        hand control back between decode steps, so new weights wait for the batch."""
         req = build_generate_request(prompts, params)
         version = self.version
         if self.engine is not None:

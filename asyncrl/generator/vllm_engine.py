@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -66,15 +66,23 @@ class VLLMEngine:
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
+            async_scheduling=False,  # a step's tokens come from the weights loaded before it
         )
         self.version = version
+        self._batch = 0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
+    ) -> list[list[Completion]]:
+        """Drives vLLM's engine step by step. ``between_steps`` runs after every step;
+        if it loads weights, running requests are preempted and re-prefilled with them
+        (see :meth:`load_weights`), and their later tokens carry the new version."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         sp = VSamplingParams(
-            n=params.n,
+            n=1,  # one request per sample: each has its own output stream; the prefix cache shares the prompt
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -82,22 +90,36 @@ class VLLMEngine:
             logprobs=0,  # only the sampled token's log-prob
             detokenize=False,  # the worker decodes what it needs
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
-        version = self.version  # generate() blocks; weights cannot change during it
-        result = []
-        for out in outs:
-            comps = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)]
-                comps.append(Completion(ids, lps, [version] * len(ids), "length" if c.finish_reason == "length" else "stop"))
-            result.append(comps)
-        return result
+        sp.output_kind = RequestOutputKind.DELTA  # each step hands over only its new tokens
+        engine = self.llm.llm_engine
+        self._batch += 1
+        rids = [f"asyncrl-{self._batch}-{i}" for i in range(len(prompts) * params.n)]
+        for i, rid in enumerate(rids):
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompts[i // params.n])), sp)
+        ids: dict[str, list[int]] = {rid: [] for rid in rids}
+        lps: dict[str, list[float]] = {rid: [] for rid in rids}
+        vers: dict[str, list[int]] = {rid: [] for rid in rids}
+        finish: dict[str, str] = {}
+        while engine.has_unfinished_requests():
+            version = self.version  # the weights this step ran with
+            for out in engine.step():
+                rid, c = out.request_id, out.outputs[0]
+                ids[rid] += c.token_ids
+                lps[rid] += [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+                vers[rid] += [version] * len(c.token_ids)
+                if out.finished:
+                    finish[rid] = "length" if c.finish_reason == "length" else "stop"
+            if between_steps is not None:
+                between_steps()
+        comps = [Completion(ids[r], lps[r], vers[r], finish[r]) for r in rids]
+        return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         self.llm.collective_rpc("asyncrl_load_weights", args=(list(named_tensors),))
-        # Without this a prompt seen before the update is served from KV of the old weights.
-        if not self.llm.reset_prefix_cache():
+        # Without this a prompt seen before the update is served from KV of the old
+        # weights; requests in flight (an update between decode steps) are preempted
+        # and re-prefilled (prompt + tokens so far) with the new weights.
+        if not self.llm.reset_prefix_cache(reset_running_requests=True):
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
         self.version = version
 

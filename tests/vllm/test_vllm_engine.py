@@ -104,3 +104,43 @@ def test_prefix_cache_would_be_stale_without_reset(vllm_engine, hf_model):
         assert max_error(new, prompt, stale, 1.0) > 1e-3
     finally:
         vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=vllm_engine.version)
+
+
+def test_weights_loaded_between_decode_steps(vllm_engine, hf_model, vllm_model_dir):
+    """An update in flight: tokens before it carry the old version and the old
+    weights' log-probs, tokens after it the new ones (prefix re-encoded)."""
+    from transformers import AutoModelForCausalLM
+
+    new = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    named = [(n, p.detach().clone()) for n, p in new.named_parameters(remove_duplicate=False)]
+    v0, steps = vllm_engine.version, []
+
+    def between_steps():
+        steps.append(1)
+        if len(steps) == 3:
+            vllm_engine.load_weights(named, version=v0 + 1)
+
+    prompts = [[5, 6, 7], [(3 * i) % 19 + 2 for i in range(140)]]
+    params = SamplingParams(n=3, max_tokens=10, temperature=1.0)  # vLLM still stops at the model's EOS
+    try:
+        outs = vllm_engine.generate(prompts, params, between_steps=between_steps)
+        spanning = 0
+        for prompt, comps in zip(prompts, outs):
+            for c in comps:
+                n = len(c.token_ids)
+                k = c.versions.index(v0 + 1) if v0 + 1 in c.versions else n  # finished before the update
+                assert c.versions == [v0] * k + [v0 + 1] * (n - k)
+                spanning += 0 < k < n
+                old = hf_logprobs(hf_model, prompt, c.token_ids, 1.0)
+                upd = hf_logprobs(new, prompt, c.token_ids, 1.0)
+                lp = torch.tensor(c.logprobs)
+                assert (lp[:k] - old[:k]).abs().max() < TOL
+                if k < n:
+                    assert (lp[k:] - upd[k:]).abs().max() < TOL
+        assert spanning >= 1
+    finally:
+        vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=v0)
