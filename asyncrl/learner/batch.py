@@ -31,6 +31,9 @@ class Batch:
     def rows(self, sl: slice) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
 
 def build_batch(groups: list[Group], pad_id: int, scale_advantages: bool) -> Batch:
     n = len(groups[0].samples)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -35,10 +36,20 @@ from asyncrl.wire.transport import LearnerEndpoint
 log = logging.getLogger("asyncrl.learner")
 
 
-def build_policy(cfg: Config) -> tuple[Policy, torch.optim.Optimizer]:
+def learner_device() -> torch.device:
+    """One GPU per rank where there are GPUs (LOCAL_RANK picks it), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else 0)
+    torch.cuda.set_device(device)
+    return device
+
+
+def build_policy(cfg: Config, device: torch.device | None = None) -> tuple[Policy, torch.optim.Optimizer]:
+    device = device or learner_device()
     torch.manual_seed(cfg.run.seed)
-    policy = Policy(load_model(cfg.model.path, "float32"))  # float32 master weights
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    policy = Policy(load_model(cfg.model.path, "float32").to(device))  # float32 master weights
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.model.dtype))
     lc = cfg.learner
     opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
@@ -113,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
     cfg = from_yaml_file(run_dir / "config.yaml")
-    dist.init_process_group("gloo")
+    # gloo carries the CPU tensors (batch broadcast), NCCL the GPU ones (FSDP2)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
     setup_logging(run_dir, f"learner{rank}", cfg.run.log_level)
     torch.set_num_threads(cfg.learner.threads)

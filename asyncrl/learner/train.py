@@ -24,8 +24,9 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
     """pi_old quantities for this rank's rows, once per batch before any update:
     log-probs, entropy and, for Lp-Reg, the min-p proxy log-probs."""
     S, L = batch.input_ids.shape
-    old, ent = torch.zeros((S, L)), torch.zeros((S, L))
-    proxy = torch.full((S, L), float("-inf")) if kappa is not None else None
+    dev = batch.input_ids.device
+    old, ent = torch.zeros((S, L), device=dev), torch.zeros((S, L), device=dev)
+    proxy = torch.full((S, L), float("-inf"), device=dev) if kappa is not None else None
     for r in rows:
         for mb in _micro(r, cfg.learner.micro_batch_size):
             lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
@@ -41,6 +42,7 @@ def train_on_batch(
     all_gather: Callable[[Tensor], Tensor],
 ) -> dict[str, float]:
     lc, rank, world = cfg.learner, dist.get_rank(), dist.get_world_size()
+    batch = batch.to(next(policy.parameters()).device)
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
     mask = batch.mask
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
@@ -48,7 +50,7 @@ def train_on_batch(
     # pi_old, so its detached log-probs serve as old log-probs (no separate pass).
     fused = lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled" and not (algo.needs_proxy or algo.needs_selection)
     if fused:
-        old, proxy, ent = None, None, torch.zeros(mask.shape)
+        old, proxy, ent = None, None, torch.zeros(mask.shape, device=mask.device)
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
         old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
@@ -88,7 +90,7 @@ def train_on_batch(
         for k, v in metrics.items():
             totals[k] = totals[k] + v.detach().float() if k in totals else v.detach().float()
     # metrics: summed over ranks, averaged over this batch's mini-batches
-    idx = torch.cat([torch.arange(r.start, r.stop) for r in rows])
+    idx = torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in rows])
     valid = mask[idx].float()
     keys = sorted(totals)
     stats = torch.stack([*(totals[k] for k in keys), (ent[idx] * valid).sum(), valid.sum()])
