@@ -39,7 +39,7 @@ class Launch:
         self.run_dir = run_dir
         self.overrides = [f"model.path={model}", f"run.dir={run_dir}", *TINY, *overrides]
         self.out_path = run_dir.parent / f"{run_dir.name}.launch.log"
-        self.out = self.out_path.open("w")
+        self.out = self.out_path.open("a")
         self.proc = subprocess.Popen([sys.executable, "-m", "asyncrl.launch", "quickstart", *self.overrides],
                                      cwd=REPO, env=subprocess_env(), stdout=self.out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -89,6 +89,11 @@ def launch(tmp_path):
         run.stop()
 
 
+def hf_checkpoints(run_dir: Path) -> list[Path]:
+    """The exported Hugging Face checkpoints (other entries, e.g. training state, aside)."""
+    return sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
 def load_checkpoint(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,7 +131,7 @@ def test_run_completes(launch, tiny_model_dir):
     assert cfg.transport.port > 0  # resolved
     assert cfg.learner == expected.learner and cfg.model == expected.model and cfg.algo == expected.algo
 
-    ckpts = sorted((run.run_dir / "checkpoints").iterdir())
+    ckpts = hf_checkpoints(run.run_dir)
     assert [c.name for c in ckpts] == ["step_3"]
     model, tok = load_checkpoint(ckpts[0])
     initial, initial_tok = load_checkpoint(tiny_model_dir)
@@ -174,8 +179,8 @@ def test_ctrl_c_drains_checkpoints_and_exits_0(launch, tiny_model_dir):
     run.proc.send_signal(signal.SIGINT)
     code = run.wait(90)
     assert code == 0, run.output()[-3000:]
-    ckpts = sorted((run.run_dir / "checkpoints").iterdir())
-    assert len(ckpts) == 1 and ckpts[0].name.startswith("step_"), ckpts
+    ckpts = hf_checkpoints(run.run_dir)
+    assert len(ckpts) == 1, ckpts
     steps = int(ckpts[0].name.removeprefix("step_"))
     last = max(r["step"] for r in run.metrics())
     assert 1 <= last <= steps < 500
