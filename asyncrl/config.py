@@ -195,6 +195,13 @@ class LearnerConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     threads: int = 2
     """torch intra-op threads per learner rank."""
+    mesh: Literal["shard", "hybrid"] = "shard"
+    """FSDP2 device mesh: shard = every parameter sharded over all ranks (1-D mesh);
+    hybrid = HSDP, a 2-D (replicate, shard) mesh: sharded within a node, replicated
+    across nodes (``cluster.gpus_per_node // cluster.learner_gpus`` ranks per node)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward (less memory, ~30% more
+    compute): what long responses (8k tokens) need on large models."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only before training and at the end)."""
     checkpoint_every: int = 0
@@ -225,10 +232,57 @@ class TransportConfig(_Section):
     dropped by libzmq before it is allocated."""
     max_weights_mb: float = 65536.0
     """Largest weight update a generator accepts (every tensor of one version)."""
+    weights: Literal["zmq", "disk", "nccl"] = "zmq"
+    """How new weights reach the generators (the notice always travels over ZeroMQ):
+    zmq = raw tensor frames (works anywhere); disk = safetensors in ``weights_dir``
+    written atomically, engines reload it; nccl = a broadcast from learner rank 0 to the
+    generators over a NCCL group (GPU learners and GPU engines)."""
+    weights_dir: str = ""
+    """disk: a directory every generator can read (shared storage on a cluster);
+    empty = <run.dir>/weights, which only works when the run directory is shared."""
+    weights_port: int = 0
+    """nccl: TCP port of the weight group's rendezvous on learner rank 0's host;
+    0 = transport.port + 1."""
 
     def __post_init__(self) -> None:
         if self.max_message_mb <= 0 or self.max_weights_mb <= 0:
             raise ValueError("transport.max_message_mb and transport.max_weights_mb must be > 0")
+
+
+class ClusterConfig(_Section):
+    """Where the roles run: local processes, or Ray actors on a cluster (docs/cluster.md)."""
+
+    backend: Literal["local", "ray"] = "local"
+    """local = subprocesses on this machine; ray = Ray actors with placement groups
+    (needs ``pip install asyncrl[ray]``)."""
+    address: str = ""
+    """ray: address of a running Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``);
+    empty = start a private single-node Ray on loopback for this run."""
+    nodes: int = 1
+    """Nodes in the cluster (placement plan and ``--dry-run``)."""
+    gpus_per_node: int = 0
+    """GPUs per node; 0 = a CPU cluster."""
+    learner_gpus: int = 0
+    """GPUs per learner rank (0 on CPU, else 1: one rank per GPU)."""
+    generator_gpus: int = 0
+    """GPUs per generator worker (its engine's tensor-parallel size; 0 on CPU)."""
+    cpus_per_role: float = 1.0
+    """Ray CPUs reserved per learner rank and per generator worker."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Generator placement group strategy (PACK or SPREAD). Learner ranks are always
+    packed: one STRICT_PACK group per node, so the ranks of a node are contiguous."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError("cluster.nodes must be >= 1")
+        if min(self.gpus_per_node, self.learner_gpus, self.generator_gpus) < 0 or self.cpus_per_role < 0:
+            raise ValueError("cluster GPU and CPU counts must be >= 0")
+        if self.learner_gpus > 1:
+            raise ValueError("cluster.learner_gpus must be 0 (CPU) or 1 (one learner rank per GPU)")
+        for name in ("learner_gpus", "generator_gpus"):
+            if getattr(self, name) > self.gpus_per_node:
+                raise ValueError(f"cluster.{name} ({getattr(self, name)}) exceeds cluster.gpus_per_node "
+                                 f"({self.gpus_per_node}); set cluster.gpus_per_node to the GPUs of one node")
 
 
 class DebugConfig(_Section):
@@ -250,6 +304,7 @@ class Config(_Section):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     algo: AlgoConfig = msgspec.field(default_factory=GRPOConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     debug: DebugConfig = msgspec.field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
@@ -263,6 +318,36 @@ class Config(_Section):
             )
         if mini < 1:
             raise ValueError("learner.ppo_mini_batches must be <= learner.prompts_per_step")
+        _check_cluster(self)
+
+
+def _check_cluster(cfg: Config) -> None:
+    """Settings that must agree across roles: caught here, before anything starts."""
+    cl, tc = cfg.cluster, cfg.transport
+    if tc.weights == "nccl":
+        if cfg.generator.engine == "hf" or cl.generator_gpus < 1 or cl.learner_gpus < 1:
+            raise ValueError(
+                "transport.weights=nccl broadcasts GPU tensors: it needs GPU learners (cluster.learner_gpus=1) "
+                "and GPU engines (generator.engine=vllm or sglang with cluster.generator_gpus >= 1); "
+                "on CPU use transport.weights=zmq"
+            )
+        if cfg.generator.engine == "sglang" and cfg.generator.sglang.url:
+            raise ValueError("transport.weights=nccl cannot reach an external SGLang server "
+                             "(generator.sglang.url); use transport.weights=disk")
+    if tc.weights == "disk" and not tc.weights_dir and (cl.nodes > 1 or cl.address):
+        raise ValueError(
+            "transport.weights=disk on a multi-node cluster needs transport.weights_dir: a directory on "
+            "storage every node can read (e.g. transport.weights_dir=/shared/run/weights)"
+        )
+    if cfg.learner.mesh == "hybrid":
+        per_node = cl.gpus_per_node // cl.learner_gpus if cl.learner_gpus else 0
+        if per_node < 1 or cfg.learner.world_size % per_node:
+            raise ValueError(
+                f"learner.mesh=hybrid shards within a node: learner.world_size ({cfg.learner.world_size}) must be "
+                "a multiple of the learner ranks per node (cluster.gpus_per_node // cluster.learner_gpus, "
+                f"here {per_node}); use learner.mesh=shard on CPU"
+            )
+
 
 
 # ---------------------------------------------------------------- loading

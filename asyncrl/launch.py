@@ -159,12 +159,29 @@ def _terminate(roles: list[Role]) -> None:
             r.proc.wait()
 
 
+def dry_run(config: str, overrides: list[str]) -> int:
+    """Print the placement plan for the configured cluster size; touch nothing."""
+    from asyncrl.cluster.placement import format_plan, plan_placement
+
+    try:
+        cfg = load_config(config, overrides)
+        print(format_plan(cfg, plan_placement(cfg)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m asyncrl.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML path or shipped config name (e.g. quickstart)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 algo.type=lpreg")
-    args = ap.parse_args(argv)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the placement plan (role -> node, GPUs) for cluster.* and start nothing")
+    args = ap.parse_intermixed_args(argv)  # --dry-run may come after the overrides
+    if args.dry_run:
+        return dry_run(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -174,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("run directory %s: %d learner rank(s), %d generator(s), algo %s",
              run_dir, cfg.learner.world_size, cfg.generator.num_workers, cfg.algo.__struct_config__.tag)
-    roles = start_roles(cfg, run_dir)
-    code = supervise(roles, run_dir)
+    if cfg.cluster.backend == "ray":  # Ray actors in placement groups: asyncrl.cluster.ray_backend
+        from asyncrl.cluster.ray_backend import launch as ray_launch
+
+        code = ray_launch(cfg, run_dir)
+    else:
+        roles = start_roles(cfg, run_dir)
+        code = supervise(roles, run_dir)
     if code == 0:
         log.info("done: metrics in %s, checkpoints in %s", run_dir / "metrics.jsonl", run_dir / "checkpoints")
     return code

@@ -15,6 +15,7 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -23,9 +24,10 @@ from asyncrl.config import Config, from_yaml_file
 from asyncrl.generator.engine import Engine, SamplingParams
 from asyncrl.logs import setup_logging
 from asyncrl.rewards import RewardPool, build_reward_pool
-from asyncrl.wire.codec import SampleArrays, trajectory_frames, weight_tensors
+from asyncrl.wire.codec import SampleArrays, trajectory_frames
 from asyncrl.wire.schema import Hello, Prompts, SampleMeta, Shutdown, TrajectoryGroup, WeightUpdate
 from asyncrl.wire.transport import GeneratorEndpoint
+from asyncrl.wire.weights import WeightReceiver, ZmqWeights, build_receiver
 
 log = logging.getLogger("asyncrl.generator")
 INLINE_REWARDS = RewardPool(processes=0)
@@ -101,13 +103,16 @@ class Worker:
         self.pending: deque[Prompts] = deque()
         self.shutdown: str | None = None
         self.busy_s = 0.0  # cumulative generation time, reported with every group
+        self.weights: WeightReceiver = ZmqWeights()  # transport.weights (main sets it)
 
     def handle(self, msg, frames) -> None:
         if isinstance(msg, Shutdown):
             self.shutdown = msg.reason or "requested"
         elif isinstance(msg, WeightUpdate):
             t0 = time.time()
-            self.engine.load_weights(weight_tensors(msg, frames), msg.version)
+            named = self.weights.receive(msg, frames)
+            if named is not None:  # None: superseded on disk; the newer notice is queued
+                self.engine.load_weights(named, msg.version)
             log.debug("loaded weights v%d in %.3fs", msg.version, time.time() - t0)
         elif isinstance(msg, Prompts):
             self.pending.append(msg)
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     rewards = build_reward_pool(cfg)
     try:
         worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s)
+        worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("w")
         worker.serve(stop=lambda: bool(stopping))
     finally:

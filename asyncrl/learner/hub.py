@@ -17,9 +17,10 @@ from asyncrl.data import PromptSource
 from asyncrl.eval.sampling import hub_metrics, prompt_ids
 from asyncrl.eval.sampling import plan as eval_plan
 from asyncrl.tasks import Problem
-from asyncrl.wire.codec import SampleArrays, trajectory_arrays, weight_frames
+from asyncrl.wire.codec import SampleArrays, trajectory_arrays
 from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
 from asyncrl.wire.transport import LearnerEndpoint
+from asyncrl.wire.weights import WeightSender, ZmqWeights
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RolloutHub:
         self.cfg, self.ep, self.source, self.tok, self.stop = cfg, endpoint, source, tokenizer, stop
         self.eval_problems = eval_problems
         self.vocab_size = vocab_size
+        self.weight_sender: WeightSender = ZmqWeights()  # transport.weights (learner main sets it)
         self.workers: list[bytes] = []
         self.next_worker = 0
         self.train_index = 0  # data position: the next training problem
@@ -207,9 +209,10 @@ class RolloutHub:
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         self.version = version
-        msg, frames = weight_frames(named, version)
+        msg, frames = self.weight_sender.notice(named, version)
         for w in self.workers:
             self.ep.send(w, msg, frames)
+        self.weight_sender.after_notice(named)  # nccl: the broadcast the notice announced
 
     def shutdown(self, reason: str) -> None:
         for w in self.workers:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from asyncrl.algos import build_algorithm
 from asyncrl.algos.collective import dist_all_gather
@@ -24,7 +23,7 @@ from asyncrl.config import Config, from_yaml_file
 from asyncrl.data import build_eval_problems, build_train_source
 from asyncrl.learner.batch import Batch, broadcast_batch, build_batch
 from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
-from asyncrl.learner.fsdp import apply_fsdp
+from asyncrl.learner.fsdp import parallelize
 from asyncrl.learner.hub import RolloutHub
 from asyncrl.learner.policy import Policy
 from asyncrl.learner.train import train_on_batch
@@ -32,6 +31,7 @@ from asyncrl.logs import setup_logging
 from asyncrl.metrics import MetricsLogger
 from asyncrl.models import load_model, load_tokenizer
 from asyncrl.wire.transport import LearnerEndpoint
+from asyncrl.wire.weights import build_sender
 
 log = logging.getLogger("asyncrl.learner")
 
@@ -49,8 +49,7 @@ def build_policy(cfg: Config, device: torch.device | None = None) -> tuple[Polic
     device = device or learner_device()
     torch.manual_seed(cfg.run.seed)
     policy = Policy(load_model(cfg.model.path, "float32").to(device))  # float32 master weights
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.model.dtype))
+    parallelize(policy, cfg, device.type, dist.get_world_size())  # FSDP2 mesh, checkpointing, mixed precision
     lc = cfg.learner
     opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
     return policy, opt
@@ -139,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         hub = RolloutHub(cfg, LearnerEndpoint.from_config(cfg.transport, run_dir), build_train_source(cfg, tok),
                          build_eval_problems(cfg, tok), tok, stop=lambda: bool(stopping),
                          vocab_size=policy.lm.config.vocab_size)
+        hub.weight_sender = build_sender(cfg, run_dir)
         hub.wait_for_workers(cfg.transport.timeout_s)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
                                 tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)

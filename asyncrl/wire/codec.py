@@ -84,8 +84,14 @@ def decode_checked(frames: list, limits: Limits = Limits()) -> tuple[Message, li
         raise WireError(f"{type(msg).__name__} messages are not accepted by this endpoint", "kind")
     if isinstance(msg, TrajectoryGroup):
         trajectory_arrays(msg, rest)
-    elif isinstance(msg, WeightUpdate):
+    elif isinstance(msg, WeightUpdate) and msg.transport == "zmq":
         _weight_layout(msg, rest)
+    elif isinstance(msg, WeightUpdate):  # a notice: the tensors travel by disk or broadcast
+        if rest:
+            raise WireError(f"a {msg.transport} weight notice carries no frames, got {len(rest)}", "frames")
+        for meta in msg.tensors:
+            if math.prod(max(d, 1) for d in meta.shape) > MAX_EXTENT:
+                raise WireError(f"{meta.name[:200]!r}: shape {meta.shape} is absurd", "arrays")
     elif rest:
         raise WireError(f"{type(msg).__name__} carries no array frames, got {len(rest)}", "frames")
     return msg, rest

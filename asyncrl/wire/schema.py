@@ -104,6 +104,9 @@ class WeightUpdate(_Msg, tag="weights"):
 
     version: Version
     tensors: Annotated[list[TensorMeta], msgspec.Meta(max_length=MAX_TENSORS)]
+    transport: Literal["zmq", "disk", "nccl"] = "zmq"
+    """Where the tensors are (asyncrl.wire.weights): zmq = the frames of this message;
+    disk / nccl = a notice without frames, the tensors come from storage / a broadcast."""
 
 
 class Shutdown(_Msg, tag="shutdown"):

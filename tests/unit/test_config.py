@@ -20,6 +20,7 @@ from conftest import REPO, subprocess_env
 ALL_YAML = sorted(CONFIG_DIR.rglob("*.yaml"))
 ALGO_YAML = sorted((CONFIG_DIR / "algos").glob("*.yaml"))
 TOP_YAML = sorted(CONFIG_DIR.glob("*.yaml"))
+RECIPE_YAML = sorted((CONFIG_DIR / "recipes").glob("*.yaml"))  # parsed in tests/unit/test_cluster.py
 
 
 def error(name: str = "quickstart", overrides=()) -> str:
@@ -170,7 +171,7 @@ def test_shipped_algo_snippet_merges_into_default_config(path):
 
 
 def test_every_yaml_file_is_covered():
-    assert set(ALL_YAML) == set(TOP_YAML) | set(ALGO_YAML) and TOP_YAML and ALGO_YAML
+    assert set(ALL_YAML) == set(TOP_YAML) | set(ALGO_YAML) | set(RECIPE_YAML) and TOP_YAML and ALGO_YAML
     tags = {t.__struct_config__.tag for t in typing.get_args(AlgoConfig)}
     assert {p.stem for p in ALGO_YAML} == tags
 
