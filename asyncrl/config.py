@@ -32,6 +32,9 @@ class RunConfig(_Section):
     """Run directory: resolved config.yaml, metrics.jsonl, checkpoints/, logs/."""
     overwrite: bool = False
     """Allow a run directory that already holds a run (its metrics.jsonl is replaced)."""
+    resume: Literal["never", "auto"] = "never"
+    """auto = continue from the newest complete checkpoint in <dir>/checkpoints/state (start
+    fresh if there is none); metrics.jsonl is appended to. never = refuse a used run.dir."""
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     tensorboard: bool = False
@@ -160,9 +163,17 @@ class GeneratorConfig(_Section):
     vllm: VLLMOptions = msgspec.field(default_factory=VLLMOptions)
     sglang: SGLangOptions = msgspec.field(default_factory=SGLangOptions)
 
+    max_restarts: int = 3
+    """Times launch restarts a generator process that died (per worker); its prompts in
+    flight are re-issued once. 0 = a dead generator fails the run."""
+    restart_backoff_s: float = 1.0
+    """Wait before a generator's first restart; doubles with each further one."""
+
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("generator.num_workers must be >= 1")
+        if self.max_restarts < 0 or self.restart_backoff_s < 0:
+            raise ValueError("generator.max_restarts and generator.restart_backoff_s must be >= 0")
         if self.samples_per_prompt < 1:
             raise ValueError("generator.samples_per_prompt must be >= 1")
         if self.temperature <= 0:
@@ -205,7 +216,12 @@ class LearnerConfig(_Section):
     eval_every: int = 0
     """Evaluate every N steps (0 = only before training and at the end)."""
     checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0 = only at the end)."""
+    """Save a resumable checkpoint every N steps (0 = only at the end or on Ctrl-C)."""
+    keep_checkpoints: int = 3
+    """Resumable checkpoints (checkpoints/state/step_N) to keep; older ones are deleted."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradient norm is NaN/Inf is skipped (no optimiser step); this
+    many in a row stop the run before the weights are corrupted."""
 
     def __post_init__(self) -> None:
         for name in ("world_size", "steps", "prompts_per_step", "ppo_mini_batches", "micro_batch_size"):
@@ -213,6 +229,10 @@ class LearnerConfig(_Section):
                 raise ValueError(f"learner.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0:
             raise ValueError("learner.max_staleness must be >= 0")
+        if self.checkpoint_every < 0:
+            raise ValueError("learner.checkpoint_every must be >= 0 (0 = only at the end)")
+        if self.keep_checkpoints < 1 or self.max_bad_steps < 1:
+            raise ValueError("learner.keep_checkpoints and learner.max_bad_steps must be >= 1")
         if self.lr <= 0:
             raise ValueError("learner.lr must be > 0")
 
@@ -292,6 +312,11 @@ class DebugConfig(_Section):
     """Sleep this long in every learner step (simulates a slow learner)."""
     generator_batch_delay_s: float = 0.0
     """Sleep this long before every generation batch (simulates slow generators)."""
+    checkpoint_marker_delay_s: float = 0.0
+    """Sleep between writing a checkpoint's shards and its completeness marker (lets a
+    test kill the learner mid-checkpoint)."""
+    nan_loss_steps: list[int] = []
+    """Learner steps whose loss is made NaN (tests the non-finite step guard)."""
 
 
 class Config(_Section):
@@ -347,7 +372,6 @@ def _check_cluster(cfg: Config) -> None:
                 "a multiple of the learner ranks per node (cluster.gpus_per_node // cluster.learner_gpus, "
                 f"here {per_node}); use learner.mesh=shard on CPU"
             )
-
 
 
 # ---------------------------------------------------------------- loading

@@ -5,7 +5,10 @@ validated before anything starts (and before torch is imported, so errors and
 ``--help`` are instant), written resolved to ``<run.dir>/config.yaml``, and then the
 roles start as local processes: learner ranks (torch.distributed) and generator
 workers. Ctrl-C drains (the learner finishes its step and saves a checkpoint) and
-exits 0; a role that fails stops the others and launch exits non-zero with its error.
+exits 0. A generator that dies is restarted (``generator.max_restarts``, with backoff;
+the learner re-issues its prompts in flight); a learner that fails stops the generators
+and launch exits non-zero with its error and the command that resumes the run
+(``run.resume=auto``) from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import collections
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -35,7 +39,15 @@ log = logging.getLogger("asyncrl.launch")
 class Role:
     name: str
     proc: subprocess.Popen
+    cmd: list[str]
+    env: dict
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+    restarts: int = 0
+    restart_at: float | None = None  # when a dead role is due to be started again
+
+    @property
+    def is_generator(self) -> bool:
+        return self.name.startswith("generator")
 
     def forward_output(self) -> None:
         """Copy the role's output to ours as it comes (raw chunks, so a live progress
@@ -52,10 +64,20 @@ class Role:
 
 
 def _spawn(name: str, cmd: list[str], env: dict) -> Role:
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    role = Role(name, proc)
+    role = Role(name, _popen(cmd, env), cmd, env)
     threading.Thread(target=role.forward_output, name=f"out-{name}", daemon=True).start()
     return role
+
+
+def _popen(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _respawn(role: Role) -> None:
+    role.proc = _popen(role.cmd, role.env)
+    role.restarts += 1
+    role.restart_at = None
+    threading.Thread(target=role.forward_output, name=f"out-{role.name}-{role.restarts}", daemon=True).start()
 
 
 def free_port(host: str) -> int:
@@ -66,13 +88,18 @@ def free_port(host: str) -> int:
 
 def prepare_run_dir(cfg: Config) -> tuple[Config, Path]:
     run_dir = Path(cfg.run.dir)
-    if (run_dir / "metrics.jsonl").exists() and not cfg.run.overwrite:
+    resume = cfg.run.resume == "auto"
+    if (run_dir / "metrics.jsonl").exists() and not (cfg.run.overwrite or resume):
         raise ConfigError(
-            f"run directory {run_dir} already holds a run; choose another run.dir=... or pass run.overwrite=true"
+            f"run directory {run_dir} already holds a run; continue it with run.resume=auto, choose another "
+            "run.dir=... or pass run.overwrite=true"
         )
-    shutil.rmtree(run_dir / "logs", ignore_errors=True)  # logs of an overwritten run would mislead
+    if not resume:  # a fresh run: what an overwritten run left would mislead (or be resumed by mistake)
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        shutil.rmtree(run_dir / "checkpoints" / "state", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "trained_groups.jsonl").unlink(missing_ok=True)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.transport.port == 0:
         cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, port=free_port(cfg.transport.host)))
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -99,9 +126,19 @@ def start_roles(cfg: Config, run_dir: Path) -> list[Role]:
     return roles
 
 
-def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
-    """Wait for the run; return launch's exit code."""
+def resume_command(config: str, overrides: list[str]) -> str:
+    """The command line that continues this run from its newest complete checkpoint."""
+    kept = [o for o in overrides if not o.replace(" ", "").startswith(("run.resume=", "run.overwrite="))]
+    return shlex.join([sys.executable, "-m", "asyncrl.launch", config, *kept, "run.resume=auto"])
+
+
+def supervise(roles: list[Role], run_dir: Path, cfg: Config | None = None, resume_cmd: str = "",
+              grace_s: float = 60.0) -> int:
+    """Wait for the run; return launch's exit code. Restarts dead generators (bounded,
+    with backoff); a failed learner stops everything and says how to resume."""
     stopping: list[float] = []
+    max_restarts = cfg.generator.max_restarts if cfg else 0
+    backoff = cfg.generator.restart_backoff_s if cfg else 1.0
 
     def on_signal(signum, _frame):
         if stopping:  # second Ctrl-C: do not wait any longer
@@ -121,13 +158,24 @@ def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
         time.sleep(0.2)
         # generators exit 0 when the learner says goodbye; only an error code is a failure
         failed = [r for r in roles if r.proc.poll() not in (None, 0)]
+        learner_alive = learner0.proc.poll() is None
+        for r in failed:
+            if r.is_generator and learner_alive and not stopping and r.restarts < max_restarts:
+                _restart_generator(r, backoff, max_restarts)
+        failed = [r for r in failed if r.restart_at is None and r.proc.poll() not in (None, 0)]
         if failed:
             bad = failed[0]
             time.sleep(0.3)  # let its last output arrive
             log.error("%s exited with code %s; stopping the run. Its last output (full log: %s):\n%s",
                       bad.name, bad.proc.returncode, run_dir / "logs" / f"{bad.name}.log",
                       "\n".join(list(bad.tail)[-20:]))
+            if bad.is_generator and max_restarts and bad.restarts >= max_restarts:
+                log.error("%s died %d times (generator.max_restarts=%d)", bad.name, bad.restarts + 1, max_restarts)
+            _stop_generators(roles)
             _terminate(roles)
+            if not bad.is_generator and resume_cmd:
+                log.error("to resume from the last checkpoint in %s:\n  %s", run_dir / "checkpoints" / "state",
+                          resume_cmd)
             return 1
         if learner0.proc.poll() == 0 or all(r.proc.poll() is not None for r in roles):
             deadline = time.monotonic() + 30
@@ -144,6 +192,29 @@ def supervise(roles: list[Role], run_dir: Path, grace_s: float = 60.0) -> int:
             log.error("roles did not stop within %.0fs after Ctrl-C; killing them", grace_s)
             _terminate(roles)
             return 1
+
+
+def _restart_generator(role: Role, backoff: float, max_restarts: int) -> None:
+    """Schedule a dead generator's restart (exponential backoff), or start it when due."""
+    now = time.monotonic()
+    if role.restart_at is None:
+        delay = backoff * 2**role.restarts
+        role.restart_at = now + delay
+        log.warning("%s died (exit code %s); restarting it in %.1fs (restart %d of at most %d)", role.name,
+                    role.proc.returncode, delay, role.restarts + 1, max_restarts)
+    elif now >= role.restart_at:
+        _respawn(role)
+        log.info("%s restarted (pid %d)", role.name, role.proc.pid)
+
+
+def _stop_generators(roles: list[Role], timeout_s: float = 10.0) -> None:
+    """Ctrl-C to every live generator (they stop at their next poll and exit 0)."""
+    live = [r for r in roles if r.is_generator and r.proc.poll() is None]
+    for r in live:
+        r.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    while any(r.proc.poll() is None for r in live) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _terminate(roles: list[Role]) -> None:
@@ -197,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         code = ray_launch(cfg, run_dir)
     else:
         roles = start_roles(cfg, run_dir)
-        code = supervise(roles, run_dir)
+        code = supervise(roles, run_dir, cfg, resume_command(args.config, args.overrides))
     if code == 0:
         log.info("done: metrics in %s, checkpoints in %s", run_dir / "metrics.jsonl", run_dir / "checkpoints")
     return code

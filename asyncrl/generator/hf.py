@@ -38,6 +38,10 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling stream (the worker seeds each batch; see ``batch_seed``)."""
+        self.generator.manual_seed(seed)
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -31,6 +32,14 @@ from asyncrl.wire.weights import WeightReceiver, ZmqWeights, build_receiver
 
 log = logging.getLogger("asyncrl.generator")
 INLINE_REWARDS = RewardPool(processes=0)
+
+
+def batch_seed(run_seed: int, first_group_id: int, version: int) -> int:
+    """The sampling seed of one engine batch. Generation is a function of (seed, group
+    ids, weights), not of a worker's history, so a group re-issued after a generator
+    restart or a resume samples the same answers, and no generator RNG state needs to be
+    checkpointed."""
+    return (run_seed * 1_000_003 + first_group_id * 7_919 + version) % (2**63)
 
 
 def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
@@ -95,8 +104,8 @@ class Worker:
     the prefix with them), so every token is sampled by the newest weights on hand."""
 
     def __init__(self, engine: Engine, tok, link: GeneratorEndpoint, worker_id: int,
-                 rewards: RewardPool | None = None, delay_s: float = 0.0) -> None:
-        self.engine, self.tok, self.link, self.worker_id = engine, tok, link, worker_id
+                 rewards: RewardPool | None = None, delay_s: float = 0.0, seed: int = 0) -> None:
+        self.engine, self.tok, self.link, self.worker_id, self.seed = engine, tok, link, worker_id, seed
         self.rewards = rewards
         self.delay_s = delay_s  # debug.generator_batch_delay_s
         self.timeline = None  # a file: one JSON line per engine batch
@@ -131,6 +140,9 @@ class Worker:
                 msg = self.pending.popleft()
                 time.sleep(self.delay_s)
                 t0 = time.time()
+                reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream
+                if reseed is not None:
+                    reseed(batch_seed(self.seed, msg.groups[0].group_id, self.engine.version))
                 results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s, self.rewards)
                 self.busy_s = results[-1][0].busy_total_s
                 if self.timeline is not None:  # activity spans, for benchmarks/async_speedup.py
@@ -159,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     link = GeneratorEndpoint.from_config(cfg.transport, args.address, args.worker_id, args.run_dir)
     link.send(Hello(worker_id=args.worker_id, version=engine.version))
     rewards = build_reward_pool(cfg)
+    pid_file = Path(args.run_dir) / "logs" / f"generator{args.worker_id}.pid"  # for tests and operators
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
-        worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s)
+        worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
-        worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("w")
+        worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:
         rewards.close()

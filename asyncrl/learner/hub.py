@@ -1,23 +1,32 @@
 """Rank 0's link to the generator workers: hand out prompt groups, collect trajectory
 groups, publish weights. Admission control and the staleness bound live here
-(``top_up`` and ``next_batch``)."""
+(``top_up`` and ``next_batch``).
+
+Generator restarts: the hub remembers which worker was sent which group. When a worker
+it already knows says Hello again (launch restarted its process), it is sent the newest
+weights and then its still-outstanding prompts again, with the same group ids; the
+outstanding-set check makes sure each group is trained on at most once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import torch
+import zmq
 
 from asyncrl.config import Config
 from asyncrl.data import PromptSource
 from asyncrl.eval.sampling import hub_metrics, prompt_ids
 from asyncrl.eval.sampling import plan as eval_plan
 from asyncrl.tasks import Problem
-from asyncrl.wire.codec import SampleArrays, trajectory_arrays
+from asyncrl.learner.state import HubState
+from asyncrl.wire.codec import SampleArrays, decode_checked, encode, trajectory_arrays, trajectory_frames, weight_frames
 from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
 from asyncrl.wire.transport import LearnerEndpoint
 from asyncrl.wire.weights import WeightSender, ZmqWeights
@@ -58,6 +67,9 @@ class RolloutHub:
         self.last_gen_busy = 0.0
         self.tokens_received = 0  # response tokens of training groups, for generator throughput
         self.last_tokens_received = 0
+        self.assigned: dict[int, tuple[bytes, Prompts]] = {}  # outstanding group id -> (worker, message it was in)
+        self.weights: tuple | None = None  # the newest WeightUpdate and its frames, for restarted workers
+        self.restarts = 0  # generators that said Hello again (restarted processes)
 
     def wait_for_workers(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -69,9 +81,39 @@ class RolloutHub:
                     f"within {timeout_s:.0f}s; see the generator logs in {self.cfg.run.dir}/logs"
                 )
             peer, msg, _ = got
-            if isinstance(msg, Hello) and peer not in self.workers:
-                self.workers.append(peer)
-                log.info("generator %d connected (version %d)", msg.worker_id, msg.version)
+            if isinstance(msg, Hello):
+                self._hello(peer, msg)
+
+    def _hello(self, peer: bytes, msg: Hello) -> None:
+        if peer not in self.workers:
+            self.workers.append(peer)
+            log.info("generator %d connected (version %d)", msg.worker_id, msg.version)
+            return
+        # a restarted worker: newest weights first, then the prompts it had in flight
+        self.restarts += 1
+        if self.weights is not None:
+            self._send_to(peer, *self.weights)
+        resend: dict[int, Prompts] = {}
+        for gid, (w, prompts) in self.assigned.items():
+            if w == peer:
+                resend.setdefault(id(prompts), prompts)
+        pending = self.outstanding | self.outstanding_eval
+        groups = 0
+        for prompts in resend.values():
+            part = [g for g in prompts.groups if g.group_id in pending]
+            groups += len(part)
+            self._send_to(peer, msgspec.structs.replace(prompts, groups=part))
+        log.warning("generator %d restarted (%d restart(s) so far): re-issued its %d outstanding group(s)",
+                    msg.worker_id, self.restarts, groups)
+
+    def _send_to(self, peer: bytes, msg, frames=()) -> None:
+        """Send, tolerating a worker that is gone: when launch restarts it, its Hello makes
+        us send it what it missed."""
+        try:
+            self.ep.send(peer, msg, frames)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %r (%s); it is re-sent if the worker restarts",
+                        type(msg).__name__, peer, e)
 
     def _groups(self, problems) -> list[PromptGroup]:
         return [
@@ -98,7 +140,9 @@ class RolloutHub:
             if part:
                 msg = Prompts(groups=part, min_version=min_version, n=n, temperature=temperature,
                               top_p=g.top_p, max_tokens=g.max_tokens, purpose=purpose)
-                self.ep.send(self.workers[(self.next_worker + w) % W], msg)
+                peer = self.workers[(self.next_worker + w) % W]
+                self.assigned.update((pg.group_id, (peer, msg)) for pg in part)
+                self._send_to(peer, msg)
         self.next_worker = (self.next_worker + 1) % W
 
     def _receive(self, timeout_s: float) -> bool:
@@ -111,7 +155,10 @@ class RolloutHub:
         got = self.ep.recv(timeout_s=timeout_s)
         if got is None:
             return False
-        _, msg, frames = got
+        peer, msg, frames = got
+        if isinstance(msg, Hello):
+            self._hello(peer, msg)
+            return True
         if not isinstance(msg, TrajectoryGroup):
             log.warning("unexpected %s message from a generator; dropped", type(msg).__name__)
             return True
@@ -122,6 +169,7 @@ class RolloutHub:
             log.warning("rejected trajectory group %d from worker %d: %s (%d so far)", msg.group_id, msg.worker_id,
                         problem, self.rejected_groups)
             return True
+        self.assigned.pop(msg.group_id, None)
         if msg.purpose == "train":
             self.outstanding.remove(msg.group_id)
             self.buffer.append(group)
@@ -183,6 +231,7 @@ class RolloutHub:
         while len(batch) < P:
             self.top_up(version, taken=len(batch))
             if not self._wait_for(self.buffer, 1):
+                self.buffer.extendleft(reversed(batch))  # not trained: a checkpoint keeps them
                 return None
             group = self.buffer.popleft()
             if group.oldest_version < version - k:
@@ -209,10 +258,36 @@ class RolloutHub:
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         self.version = version
-        msg, frames = self.weight_sender.notice(named, version)
+        self.weights = self.weight_sender.notice(named, version)
         for w in self.workers:
-            self.ep.send(w, msg, frames)
+            self._send_to(w, *self.weights)
         self.weight_sender.after_notice(named)  # nccl: the broadcast the notice announced
+
+    def record_trained(self, step: int, groups: list[Group]) -> None:
+        """Append the step's group ids to <run.dir>/trained_groups.jsonl (an audit trail:
+        no group is trained twice, none is skipped, also across restarts and resumes)."""
+        with open(f"{self.cfg.run.dir}/trained_groups.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "group_ids": [g.msg.group_id for g in groups]}) + "\n")
+
+    def snapshot(self) -> HubState:
+        """The hub's part of a resumable checkpoint (taken between steps)."""
+        return HubState(version=self.version, train_index=self.train_index, outstanding=sorted(self.outstanding),
+                        next_worker=self.next_worker, dropped_total=self.dropped_total,
+                        buffer=[[bytes(f) for f in encode(g.msg, trajectory_frames(g.samples))] for g in self.buffer])
+
+    def restore(self, st: HubState) -> None:
+        """Continue from a snapshot, once the workers are connected: the buffered groups are
+        back, and the groups that were in flight are requested again with their ids."""
+        self.version, self.train_index, self.dropped_total = st.version, st.train_index, st.dropped_total
+        self.next_worker = st.next_worker % len(self.workers)
+        for frames in st.buffer:
+            msg, arrays = decode_checked(frames)
+            self.buffer.append(Group(msg, trajectory_arrays(msg, arrays)))
+        if st.outstanding:  # a group id is the position of its problem in the training stream
+            g = self.cfg.generator
+            self._send(self._groups([(gid, self.source.problem(gid)) for gid in st.outstanding]), st.version,
+                       g.samples_per_prompt, g.temperature, "train")
+            self.outstanding.update(st.outstanding)
 
     def shutdown(self, reason: str) -> None:
         for w in self.workers:

@@ -26,7 +26,8 @@ from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
 from asyncrl.learner.fsdp import parallelize
 from asyncrl.learner.hub import RolloutHub
 from asyncrl.learner.policy import Policy
-from asyncrl.learner.train import train_on_batch
+from asyncrl.learner.state import Checkpointer
+from asyncrl.learner.train import NonFiniteGuard, train_on_batch
 from asyncrl.logs import setup_logging
 from asyncrl.metrics import MetricsLogger
 from asyncrl.models import load_model, load_tokenizer
@@ -64,13 +65,19 @@ def batch_metrics(batch: Batch, version: int) -> dict[str, float]:
             "async/lag_max": lag.max().item()}
 
 
-def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: MetricsLogger | None, tok, stop) -> int:
+def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: MetricsLogger | None, tok, stop,
+          ckpt: Checkpointer, version: int = 0) -> int:
+    """Train from policy ``version`` (> 0 when resumed) to ``learner.steps``; returns the final version."""
     rank0, lc = dist.get_rank() == 0, cfg.learner
     algo, all_gather = build_algorithm(cfg.algo), dist_all_gather()
-    version = 0
-    if rank0:
+    guard = NonFiniteGuard(lc.max_bad_steps)
+    if version:  # resumed: generators start from the base weights
+        state = full_state_dict(policy)
+        if rank0:
+            hub.publish(publishable(state, policy), version)
+    elif rank0:
         metrics.log(0, hub.evaluate(version))
-    for step in range(1, lc.steps + 1):
+    for step in range(version + 1, lc.steps + 1):
         t0 = time.time()
         got = hub.next_batch(version) if rank0 and not stop() else None
         groups, stats = got if got else (None, {})
@@ -82,7 +89,8 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()
         time.sleep(cfg.debug.learner_step_delay_s)
-        stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather)
+        stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather, poison=step in cfg.debug.nan_loss_steps)
+        guard.check(step, stats)  # raises after learner.max_bad_steps non-finite steps in a row
         version += 1
         state = full_state_dict(policy)
         t2 = time.time()
@@ -92,6 +100,9 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
             if lc.eval_every and step % lc.eval_every == 0 and step != lc.steps:
                 stats |= hub.evaluate(version)
             metrics.log(step, stats)
+            hub.record_trained(step, groups)
+        if lc.checkpoint_every and step % lc.checkpoint_every == 0:
+            ckpt.save(step, policy, opt, hub.snapshot() if rank0 else None)
     if rank0 and not stop():
         metrics.log(version, hub.evaluate(version) | {"policy/version": version})
     return version
@@ -111,7 +122,8 @@ def step_metrics(hub: RolloutHub, batch: Batch, t0: float, t1: float, t2: float,
     out = {"perf/train_tokens_per_s": batch.mask.sum().item() / (t2 - t1), "perf/step_s": wall,
            "time/step_start": t0, "time/train_start": t1, "time/train_end": t2,
            "perf/learner_idle_frac": (t1 - t0) / wall, "perf/generator_busy_frac": gen_busy / (wall * len(hub.workers)),
-           "perf/weight_sync_s": time.time() - t2, "policy/version": version}
+           "perf/weight_sync_s": time.time() - t2, "policy/version": version,
+           "reliability/generator_restarts": hub.restarts}
     if gen_busy > 0:  # generator throughput over what arrived since the last step
         out["perf/gen_tokens_per_s"] = gen_tokens / gen_busy
     return out
@@ -127,11 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
     setup_logging(run_dir, f"learner{rank}", cfg.run.log_level)
+    (run_dir / "logs" / f"learner{rank}.pid").write_text(f"{os.getpid()}\n")  # for tests and operators
     torch.set_num_threads(cfg.learner.threads)
     stopping = []
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))  # drain at the next step boundary
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     policy, opt = build_policy(cfg)
+    ckpt = Checkpointer(run_dir, cfg.learner.keep_checkpoints, cfg.debug.checkpoint_marker_delay_s)
+    version, hub_state = ckpt.resume(policy, opt) if cfg.run.resume == "auto" else (0, None)
     tok = load_tokenizer(cfg.model.path)
     hub = metrics = None
     if rank == 0:
@@ -140,15 +155,19 @@ def main(argv: list[str] | None = None) -> None:
                          vocab_size=policy.lm.config.vocab_size)
         hub.weight_sender = build_sender(cfg, run_dir)
         hub.wait_for_workers(cfg.transport.timeout_s)
+        if hub_state is not None:
+            hub.restore(hub_state)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
                                 tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
     try:
-        version = train(cfg, policy, opt, hub, metrics, tok, stop=lambda: bool(stopping))
+        version = train(cfg, policy, opt, hub, metrics, tok, stop=lambda: bool(stopping), ckpt=ckpt, version=version)
         state = full_state_dict(policy)
         if rank == 0:
             out = run_dir / "checkpoints" / f"step_{version}"
             save_hf_checkpoint(policy, tok, state, out)
             log.info("saved checkpoint %s%s", out, " (interrupted)" if stopping else "")
+        if ckpt.last_saved != version:  # and the resumable state (run.resume=auto continues from it)
+            ckpt.save(version, policy, opt, hub.snapshot() if rank == 0 else None)
     finally:
         if rank == 0:
             hub.shutdown("learner finished")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,8 @@ from asyncrl.algos.minibatch import MiniBatch, run_minibatch
 from asyncrl.config import Config
 from asyncrl.learner.batch import Batch, rank_rows
 from asyncrl.learner.policy import Policy
+
+log = logging.getLogger(__name__)
 
 
 def _micro(rows: slice, size: int) -> list[slice]:
@@ -39,8 +42,11 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
 
 def train_on_batch(
     policy: Policy, opt: torch.optim.Optimizer, algo: Algorithm, batch: Batch, cfg: Config,
-    all_gather: Callable[[Tensor], Tensor],
+    all_gather: Callable[[Tensor], Tensor], poison: bool = False,
 ) -> dict[str, float]:
+    """``poison`` (debug.nan_loss_steps) makes the loss NaN, to exercise the guard: an
+    optimiser step whose loss (on any rank) or gradient norm is not finite is skipped
+    and counted in ``train/skipped_steps``."""
     lc, rank, world = cfg.learner, dist.get_rank(), dist.get_world_size()
     batch = batch.to(next(policy.parameters()).device)
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
@@ -61,10 +67,10 @@ def train_on_batch(
 
     def backward(loss: Tensor, last: bool) -> None:
         policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
-        loss.backward()
+        (loss * float("nan") if poison else loss).backward()
 
     totals: dict[str, Tensor] = {}
-    grad_norms = []
+    grad_norms, skipped = [], 0
     for i, r in enumerate(rows):
 
         def forward(sl: slice, base=r.start):
@@ -85,7 +91,10 @@ def train_on_batch(
                                    backward=backward, current=current)
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), lc.grad_clip)
         grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
-        opt.step()
+        if finite_step(grad_norms[-1], metrics["loss/total"]):
+            opt.step()
+        else:  # NaN/Inf would poison the weights and Adam's moments for good: skip this step
+            skipped += 1
         opt.zero_grad(set_to_none=True)
         for k, v in metrics.items():
             totals[k] = totals[k] + v.detach().float() if k in totals else v.detach().float()
@@ -98,6 +107,37 @@ def train_on_batch(
     out = {k: v / len(rows) for k, v in zip(keys, stats[:-2].tolist())}
     out["train/entropy"] = float(stats[-2] / stats[-1])
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
+    out["train/skipped_steps"] = skipped
     if "lpreg/kl_sum" in out:
         out["lpreg/kl_mean"] = out["lpreg/kl_sum"] / max(out["lpreg/regularised"], 1.0)
     return out
+
+
+def finite_step(grad_norm: Tensor, local_loss: Tensor) -> bool:
+    """Whether every rank's loss and the (global) gradient norm are finite: the same
+    answer on every rank, so all of them step or none does."""
+    bad = (~torch.isfinite(local_loss.detach().float())).float().reshape(1)
+    dist.all_reduce(bad)
+    return bool(torch.isfinite(grad_norm)) and not bool(bad.item())
+
+
+class NonFiniteGuard:
+    """Stops the run after ``max_bad`` consecutive rollout batches with a skipped
+    (non-finite) optimiser step, while the weights are still the last good ones."""
+
+    def __init__(self, max_bad: int) -> None:
+        self.max_bad, self.bad = max_bad, 0
+
+    def check(self, step: int, stats: dict[str, float]) -> None:
+        if not stats.get("train/skipped_steps"):
+            self.bad = 0
+            return
+        self.bad += 1
+        log.warning("step %d: non-finite loss or gradient norm (loss %s, grad norm %s); skipped %d optimiser "
+                    "step(s), weights unchanged (%d/%d in a row)", step, stats.get("loss/total"),
+                    stats.get("train/grad_norm"), stats["train/skipped_steps"], self.bad, self.max_bad)
+        if self.bad >= self.max_bad:
+            raise FloatingPointError(
+                f"{self.bad} consecutive steps with a non-finite loss or gradient norm (last: step {step}); stopped "
+                "before the weights were corrupted. Lower learner.lr or raise learner.grad_clip, check the data, "
+                "then continue from the last checkpoint with run.resume=auto")

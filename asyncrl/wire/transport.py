@@ -107,6 +107,8 @@ class LearnerEndpoint(_Endpoint):
         ctx = ctx or zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
+        # a restarted generator reconnects under its old identity: let it take the route over
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)  # per frame, enforced before allocation
         authenticator = None
         if keys is not None:
