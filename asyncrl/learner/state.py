@@ -4,7 +4,7 @@ A checkpoint holds everything a run needs to continue as if it had never stopped
 
 - ``dcp/``: model and optimiser state, sharded by torch.distributed.checkpoint (each
   rank writes its own FSDP2 shards; ``get_state_dict``/``set_state_dict``);
-- ``rng_rank{r}.safetensors``: every learner rank's torch RNG state;
+- ``rng_rank{r}.safetensors``: every learner rank's torch RNG state (CPU, and CUDA's);
 - ``hub.msgpack`` (rank 0, msgspec): the policy version, the data position
   (``hub.train_index``), the training group ids still in flight (re-requested on
   resume: a group id is its problem's stream position) and the buffered, not yet
@@ -99,7 +99,10 @@ class Checkpointer:
         dist.barrier()
         model_sd, optim_sd = get_state_dict(policy, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
-        save_file({"torch": torch.get_rng_state()}, tmp / f"rng_rank{dist.get_rank()}.safetensors")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng_rank{dist.get_rank()}.safetensors")
         if rank0:
             (tmp / "hub.msgpack").write_bytes(msgspec.msgpack.encode(hub_state))
         dist.barrier()  # every rank's shards are on disk
@@ -135,7 +138,10 @@ class Checkpointer:
         set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         rng = path / f"rng_rank{dist.get_rank()}.safetensors"
         if rng.exists():  # a run resumed with more ranks than it saved: new ranks keep their seed
-            torch.set_rng_state(load_file(rng)["torch"])
+            states = load_file(rng)
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state(states["cuda"])
         hub_state = None
         if dist.get_rank() == 0:
             hub_state = msgspec.msgpack.decode((path / "hub.msgpack").read_bytes(), type=HubState)

@@ -84,3 +84,18 @@ def test_sigkill_learner_then_resume_matches_uninterrupted(launch, tiny_model_di
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst <= ATOL, worst
     assert [p.name for p in sorted(state.iterdir())] == ["step_4", "step_6"]  # keep_checkpoints=2, .tmp cleaned
+
+
+def test_consecutive_nan_steps_stop_the_run(launch, tiny_model_dir):
+    """debug.nan_loss_steps poisons steps 2 and 3: each is skipped and logged; the second
+    in a row (learner.max_bad_steps=2) stops the run with a message and the resume hint."""
+    run = launch(tiny_model_dir, [*TRAINS, "learner.steps=4", "learner.max_bad_steps=2", "task.eval_size=4",
+                                  "debug.nan_loss_steps=[2,3]"])
+    code = run.wait(240)
+    out = run.output()
+    assert code != 0, out[-3000:]
+    assert "2 consecutive steps with a non-finite loss or gradient norm (last: step 3)" in out, out[-3000:]
+    assert "run.resume=auto" in out
+    skipped = last_per_step(run.metrics(), "train/skipped_steps")
+    assert skipped[1] == 0 and skipped[2] == 1 and 3 not in skipped  # step 3 raised before logging
+    assert not (run.run_dir / "checkpoints" / "step_3").exists()
