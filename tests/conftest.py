@@ -2,51 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for child Pythons: this checkout first on the path, one thread."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def make_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
-    """A random tiny Qwen3 (tied embeddings) + the char tokenizer, in HF format."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    from asyncrl.models import save_hf, tiny_qwen3_config
-    from asyncrl.tasks.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    cfg = tiny_qwen3_config(len(tok), tok.eos_token_id, tok.pad_token_id)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
-    for k, v in (small | overrides).items():
-        setattr(cfg, k, v)
-    if getattr(cfg, "layer_types", None):  # one entry per layer
-        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg)
-    save_hf(model, tok, out)
-    return out
+from testkit import make_tiny_model
 
 
 @pytest.fixture(scope="session")

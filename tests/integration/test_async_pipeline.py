@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from testkit import REPO, subprocess_env
 
 BASE = [
     "learner.steps=5", "learner.prompts_per_step=4", "generator.samples_per_prompt=2", "task.eval_size=4",

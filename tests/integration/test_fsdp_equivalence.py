@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import free_port, make_tiny_model
+from testkit import free_port, make_tiny_model
 
 ATOL = 1e-5
 SAMPLES_PER_PROMPT = 4

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from test_fsdp_equivalence import ATOL, make_batch
 
-from conftest import free_port, make_tiny_model
+from testkit import free_port, make_tiny_model
 
 pytestmark = pytest.mark.slow  # 3 spawned learner worlds: ~2 min on 2 shared cores
 MODES = {"plain": (1, "shard", 0, False), "checkpointing": (2, "shard", 0, True), "hybrid": (2, "hybrid", 1, True)}

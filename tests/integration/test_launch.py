@@ -22,7 +22,7 @@ import torch
 
 from asyncrl.config import from_yaml_file, load_config
 
-from conftest import REPO, subprocess_env
+from testkit import REPO, subprocess_env
 
 TINY = [
     "learner.steps=3", "learner.prompts_per_step=4", "generator.samples_per_prompt=4", "task.eval_size=16",

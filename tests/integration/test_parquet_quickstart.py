@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from testkit import REPO, subprocess_env
 
 pytest.importorskip("pyarrow")
 

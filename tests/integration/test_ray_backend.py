@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+from testkit import REPO, subprocess_env
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # each launch takes 40-80 s on 2 shared cores

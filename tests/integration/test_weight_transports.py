@@ -24,7 +24,7 @@ from asyncrl.wire.weights import (
     weights_file,
 )
 
-from conftest import REPO, free_port, subprocess_env
+from testkit import REPO, free_port, subprocess_env
 
 
 def new_weights(model_dir, seed: int) -> list[tuple[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ import yaml
 from asyncrl.algos.config import AlgoConfig, LpRegConfig
 from asyncrl.config import CONFIG_DIR, Config, _Loader, ConfigError, from_yaml_file, load_config, to_yaml
 
-from conftest import REPO, subprocess_env
+from testkit import REPO, subprocess_env
 
 ALL_YAML = sorted(CONFIG_DIR.rglob("*.yaml"))
 ALGO_YAML = sorted((CONFIG_DIR / "algos").glob("*.yaml"))

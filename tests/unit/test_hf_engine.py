@@ -13,7 +13,7 @@ from asyncrl.generator.engine import SamplingParams
 from asyncrl.generator.hf import HFEngine, sampling_logprobs
 from asyncrl.models import load_model, load_tokenizer
 
-from conftest import make_tiny_model
+from testkit import make_tiny_model
 
 ATOL = 1e-4
 PROMPTS = ["1+2=", "417+385+296=", "9=", "12+345="]  # different lengths: left padding is exercised

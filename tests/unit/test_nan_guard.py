@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from conftest import free_port  # noqa: E402
+from testkit import free_port  # noqa: E402
 from test_fsdp_equivalence import make_batch  # noqa: E402
 
 
