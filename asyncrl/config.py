@@ -195,11 +195,13 @@ class LearnerConfig(_Section):
     max_staleness: int = 0
     """0 = strictly on-policy; k = generation may run k versions ahead."""
     off_policy: Literal["decoupled", "tis", "none"] = "decoupled"
-    """Correction for samples from older weights: decoupled = PPO ratio against the
-    learner's recomputed pi_old; tis = that plus a per-token weight
-    min(pi_old / pi_behaviour, tis_cap) from the generator's log-probs; none = PPO ratio
-    against the generator's sampled log-probs (no recomputation)."""
-    tis_cap: float = 2.0
+    """Correction for samples from older weights (the behaviour policy). decoupled: PPO
+    ratio against the learner's recomputed pi_old (the proximal policy) times the weight
+    pi_old / pi_behaviour, tokens whose weight exceeds is_cap dropped (AReaL's decoupled
+    PPO); tis: the same ratio times min(pi_old / pi_behaviour, is_cap) (truncated IS);
+    none: PPO ratio against the generator's sampled log-probs, no recomputation."""
+    is_cap: float = 5.0
+    """Cap of the behaviour importance weight (truncated for tis, dropped for decoupled)."""
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -40,6 +40,18 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
     return old, ent, proxy
 
 
+def behaviour_weights(old: Tensor, behaviour: Tensor, mask: Tensor, mode: str, cap: float) -> Tensor | None:
+    """Per-token importance weight pi_old / pi_behaviour for samples from older weights.
+
+    decoupled (decoupled PPO): the weight as is, but tokens whose weight exceeds ``cap``
+    are dropped (weight 0); tis: truncated at ``cap``; none: no weight (the PPO ratio is
+    taken against the behaviour log-probs instead)."""
+    if mode == "none":
+        return None
+    w = torch.exp(old - behaviour) * mask
+    return w.clamp(max=cap) if mode == "tis" else w * (w <= cap)
+
+
 def train_on_batch(
     policy: Policy, opt: torch.optim.Optimizer, algo: Algorithm, batch: Batch, cfg: Config,
     all_gather: Callable[[Tensor], Tensor], poison: bool = False,
@@ -52,17 +64,17 @@ def train_on_batch(
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
     mask = batch.mask
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
-    # One optimiser step and nothing to select: the weights of the training forward ARE
-    # pi_old, so its detached log-probs serve as old log-probs (no separate pass).
-    fused = lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled" and not (algo.needs_proxy or algo.needs_selection)
+    # On-policy with one optimiser step and nothing to select: the behaviour policy and
+    # pi_old are the weights of the training forward itself, so the importance weight is
+    # 1 and the detached log-probs of that forward serve as old log-probs (no extra pass).
+    fused = (lc.max_staleness == 0 and lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled"
+             and not (algo.needs_proxy or algo.needs_selection))
     if fused:
         old, proxy, ent = None, None, torch.zeros(mask.shape, device=mask.device)
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
         old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
-    is_weights = None
-    if lc.off_policy == "tis":  # truncated importance weight of pi_old against the behaviour policy
-        is_weights = torch.exp(old - batch.behaviour_logprobs).clamp(max=lc.tis_cap) * mask
+    is_weights = None if fused else behaviour_weights(old, batch.behaviour_logprobs, mask, lc.off_policy, lc.is_cap)
     ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
     def backward(loss: Tensor, last: bool) -> None:
