@@ -64,17 +64,19 @@ def train_on_batch(
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
     mask = batch.mask
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
-    # On-policy with one optimiser step and nothing to select: the behaviour policy and
-    # pi_old are the weights of the training forward itself, so the importance weight is
-    # 1 and the detached log-probs of that forward serve as old log-probs (no extra pass).
-    fused = (lc.max_staleness == 0 and lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled"
-             and not (algo.needs_proxy or algo.needs_selection))
-    if fused:
+    # No separate pi_old pass where nothing needs it: on-policy with one optimiser step
+    # (decoupled), the training forward's own weights are pi_old and the behaviour policy,
+    # so its detached log-probs are the old ones and the importance weight is 1; with
+    # off_policy=none the ratio is taken against the generator's log-probs. The proxy and
+    # token selections always need pi_old's pass.
+    on_policy_fused = lc.max_staleness == 0 and lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled"
+    skip_old = (on_policy_fused or lc.off_policy == "none") and not (algo.needs_proxy or algo.needs_selection)
+    if skip_old:
         old, proxy, ent = None, None, torch.zeros(mask.shape, device=mask.device)
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
         old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
-    is_weights = None if fused else behaviour_weights(old, batch.behaviour_logprobs, mask, lc.off_policy, lc.is_cap)
+    is_weights = None if old is None else behaviour_weights(old, batch.behaviour_logprobs, mask, lc.off_policy, lc.is_cap)
     ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
     def backward(loss: Tensor, last: bool) -> None:
@@ -88,8 +90,8 @@ def train_on_batch(
         def forward(sl: slice, base=r.start):
             sl = slice(base + sl.start, base + sl.stop)
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
-                              with_entropy=algo.needs_entropy or fused)
-            if fused and torch.is_grad_enabled():
+                              with_entropy=algo.needs_entropy or skip_old)
+            if skip_old and torch.is_grad_enabled():
                 ent[sl] = e.detach()
             return lp, e if algo.needs_entropy else None
 
