@@ -26,7 +26,7 @@ from asyncrl.eval.sampling import hub_metrics, prompt_ids
 from asyncrl.eval.sampling import plan as eval_plan
 from asyncrl.tasks import Problem
 from asyncrl.learner.state import HubState
-from asyncrl.wire.codec import SampleArrays, decode_checked, encode, trajectory_arrays, trajectory_frames, weight_frames
+from asyncrl.wire.codec import SampleArrays, decode_checked, encode, trajectory_arrays, trajectory_frames
 from asyncrl.wire.schema import Hello, PromptGroup, Prompts, Shutdown, TrajectoryGroup
 from asyncrl.wire.transport import LearnerEndpoint
 from asyncrl.wire.weights import WeightSender, ZmqWeights
