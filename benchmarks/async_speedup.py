@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from asyncrl.config import from_yaml_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,19 +33,15 @@ def run(k: int, seed: int, steps: int, threads: int, extra: list[str]) -> dict:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward_mean" in r]
-    samples = sum(1 for _ in train[1:]) * train[0]["train/response_length"] * 0 + (len(train) - 1)
+    cfg = from_yaml_file(run_dir / "config.yaml")
+    trained = (len(train) - 1) * cfg.learner.prompts_per_step * cfg.generator.samples_per_prompt  # steps 2..N
     span = train[-1]["time/train_end"] - train[0]["time/train_end"]
-    per_step = 0  # samples per step, from the config
-    cfg = (run_dir / "config.yaml").read_text()
-    prompts = int(next(l for l in cfg.splitlines() if "prompts_per_step" in l).split(":")[1])
-    n = int(next(l for l in cfg.splitlines() if "samples_per_prompt" in l).split(":")[1])
-    per_step = prompts * n
     gen_spans = [json.loads(l) for l in (run_dir / "logs" / "generator0.timeline.jsonl").read_text().splitlines()]
     t_lo, t_hi = train[0]["time/train_end"], train[-1]["time/train_end"]
     gen_busy = sum(max(0.0, min(s["end"], t_hi) - max(s["start"], t_lo)) for s in gen_spans)
     learner_idle = sum(r["time/train_start"] - r["time/step_start"] for r in train[1:])
     return {
-        "k": k, "seed": seed, "samples_per_s": samples * per_step / span,
+        "k": k, "seed": seed, "samples_per_s": trained / span,
         "learner_idle_frac": learner_idle / span, "generator_busy_frac": gen_busy / span,
         "final_accuracy": rows[-1]["eval/accuracy"], "initial_accuracy": rows[0]["eval/accuracy"],
         "lag_mean": statistics.mean(r["async/lag_mean"] for r in train),

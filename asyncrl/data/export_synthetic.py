@@ -10,6 +10,7 @@ prompt token ids are unchanged. ``.jsonl`` output needs no pyarrow.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="train")
     args = ap.parse_args(argv)
     out = write_rows(synthetic_rows(args.n, args.seed, args.terms, args.digits, args.split), args.out)
-    print(f"wrote {args.n} rows to {out}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("asyncrl.data").info("wrote %d rows to %s", args.n, out)
 
 
 if __name__ == "__main__":
