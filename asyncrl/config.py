@@ -208,6 +208,11 @@ class LearnerConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     threads: int = 2
     """torch intra-op threads per learner rank."""
+    borrow_threads: int = 0
+    """Extra torch threads the learner uses while no generator is working: on one shared
+    host (local backend, world_size 1) the learner borrows the cores an idle generator
+    leaves free, checked before every micro-batch (so keep micro_batch_size a fraction
+    of the batch). Trades bitwise run-to-run reproducibility for throughput; 0 = off."""
     mesh: Literal["shard", "hybrid"] = "shard"
     """FSDP2 device mesh: shard = every parameter sharded over all ranks (1-D mesh);
     hybrid = HSDP, a 2-D (replicate, shard) mesh: sharded within a node, replicated
@@ -237,6 +242,11 @@ class LearnerConfig(_Section):
             raise ValueError("learner.keep_checkpoints and learner.max_bad_steps must be >= 1")
         if self.lr <= 0:
             raise ValueError("learner.lr must be > 0")
+        if self.threads < 1 or self.borrow_threads < 0:
+            raise ValueError("learner.threads must be >= 1 and learner.borrow_threads >= 0")
+        if self.borrow_threads and self.world_size != 1:
+            raise ValueError("learner.borrow_threads needs learner.world_size 1 (only rank 0 sees the generators); "
+                             "set learner.borrow_threads=0")
 
 
 class TransportConfig(_Section):
@@ -351,6 +361,9 @@ class Config(_Section):
 def _check_cluster(cfg: Config) -> None:
     """Settings that must agree across roles: caught here, before anything starts."""
     cl, tc = cfg.cluster, cfg.transport
+    if cfg.learner.borrow_threads and cl.backend != "local":
+        raise ValueError("learner.borrow_threads lends a generator's idle cores to the learner on one host: it "
+                         "needs cluster.backend=local; set learner.borrow_threads=0")
     if tc.weights == "nccl":
         if cfg.generator.engine == "hf" or cl.generator_gpus < 1 or cl.learner_gpus < 1:
             raise ValueError(

@@ -25,11 +25,11 @@ from asyncrl.config import from_yaml_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(k: int, seed: int, steps: int, threads: int, extra: list[str]) -> dict:
+def run(k: int, seed: int, steps: int, threads: int, borrow: int, extra: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"asyncrl-k{k}-s{seed}-"))
     cmd = [sys.executable, "-m", "asyncrl.launch", "quickstart", f"run.dir={run_dir}", f"learner.steps={steps}",
            f"learner.max_staleness={k}", f"run.seed={seed}", f"learner.threads={threads}",
-           f"generator.threads={threads}", "run.console=false", *extra]
+           f"learner.borrow_threads={borrow}", f"generator.threads={threads}", "run.console=false", *extra]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward_mean" in r]
@@ -45,6 +45,7 @@ def run(k: int, seed: int, steps: int, threads: int, extra: list[str]) -> dict:
         "learner_idle_frac": learner_idle / span, "generator_busy_frac": gen_busy / span,
         "final_accuracy": rows[-1]["eval/accuracy"], "initial_accuracy": rows[0]["eval/accuracy"],
         "lag_mean": statistics.mean(r["async/lag_mean"] for r in train),
+        "borrowed_frac": statistics.mean(r["perf/borrowed_frac"] for r in train[1:]) if borrow else 0.0,
         "dropped": train[-1]["async/dropped_total"],
         "timeline": {"learner": [(r["time/step_start"], r["time/train_start"], r["time/train_end"]) for r in train],
                      "generator": [(s["start"], s["end"], s["purpose"]) for s in gen_spans]},
@@ -86,13 +87,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sync-threads", type=int, default=2, help="threads per role when k = 0 (roles take turns)")
     ap.add_argument("--async-threads", type=int, default=1, help="threads per role when k > 0 (roles overlap)")
+    ap.add_argument("--borrow", type=int, default=1,
+                    help="learner.borrow_threads when k > 0: threads the learner borrows while the generator idles")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/async_speedup"))
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     a = ap.parse_args()
     results = []
     for seed in a.seeds:
         for k in a.ks:
-            r = run(k, seed, a.steps, a.sync_threads if k == 0 else a.async_threads, a.overrides)
+            r = run(k, seed, a.steps, a.sync_threads if k == 0 else a.async_threads, 0 if k == 0 else a.borrow,
+                    a.overrides)
             results.append(r)
             print(f"k={k} seed={seed}: {r['samples_per_s']:.1f} samples/s, learner idle {r['learner_idle_frac']:.2f}, "
                   f"final accuracy {r['final_accuracy']:.3f}", flush=True)

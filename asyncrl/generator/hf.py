@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from asyncrl.generator.engine import Completion, SamplingParams
 
@@ -30,12 +31,51 @@ def sampling_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tenso
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
+class _BufferLayer(DynamicLayer):
+    """A cache layer over a buffer sized for the whole generation: a decode step writes
+    its keys and values in place, where the stock layer concatenates and so copies the
+    whole cache every step, quadratic in the length (600 tokens on the quickstart
+    model: 7.4 s against 11.5 s)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, H, _, D = key_states.shape
+        self.k_buf = key_states.new_empty((B, H, self.capacity, D))
+        self.v_buf = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self.keys, self.values = self.k_buf[:, :, :0], self.v_buf[:, :, :0]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q = self.keys.shape[-2], key_states.shape[-2]
+        if n + q > self.capacity:
+            raise RuntimeError(f"KV buffer of {self.capacity} positions is full (needs {n + q})")
+        self.k_buf[:, :, n : n + q] = key_states
+        self.v_buf[:, :, n : n + q] = value_states
+        self.keys, self.values = self.k_buf[:, :, : n + q], self.v_buf[:, :, : n + q]
+        return self.keys, self.values
+
+
+class BufferCache(DynamicCache):
+    """A DynamicCache whose layers write into preallocated buffers of ``capacity`` positions."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        super().__init__()
+        self.layers = [_BufferLayer(capacity) for _ in range(num_layers)]
+        self.layer_class_to_replicate = None
+
+
 class HFEngine:
     def __init__(self, model: PreTrainedModel, pad_id: int, seed: int = 0, version: int = 0) -> None:
         self.model = model.eval()
         self.pad_id = pad_id
         self.version = version
         self.device = next(model.parameters()).device
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -67,7 +107,7 @@ class HFEngine:
             if between_steps is not None and t > 0:
                 between_steps()
             if cache_version != self.version:  # first step, or new weights: prefill everything so far
-                cache, cache_version = DynamicCache(), self.version
+                cache, cache_version = BufferCache(self.num_layers, P + params.max_tokens), self.version
                 step_ids, step_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
                 input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True

@@ -197,6 +197,13 @@ class RolloutHub:
         """Training groups requested and not yet received."""
         return len(self.outstanding)
 
+    def generators_busy(self) -> bool:
+        """Whether any generator has work (training or eval groups not yet back), after
+        filing whatever has arrived; never blocks."""
+        while self._receive(timeout_s=0):
+            pass
+        return bool(self.outstanding or self.outstanding_eval)
+
     def _wait_for(self, buffer: deque, count: int) -> bool:
         """Block until ``buffer`` holds ``count`` groups; False if a stop was requested."""
         timeout = self.cfg.transport.timeout_s

@@ -23,6 +23,7 @@ from asyncrl.config import Config, from_yaml_file
 from asyncrl.data import build_eval_problems, build_train_source
 from asyncrl.learner.batch import Batch, broadcast_batch, build_batch
 from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
+from asyncrl.learner.cores import CoreLender
 from asyncrl.learner.fsdp import parallelize
 from asyncrl.learner.hub import RolloutHub
 from asyncrl.learner.policy import Policy
@@ -71,6 +72,7 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
     rank0, lc = dist.get_rank() == 0, cfg.learner
     algo, all_gather = build_algorithm(cfg.algo), dist_all_gather()
     guard = NonFiniteGuard(lc.max_bad_steps)
+    lend = CoreLender(lc.threads, lc.borrow_threads, hub.generators_busy) if rank0 and lc.borrow_threads else None
     if version:  # resumed: generators start from the base weights
         state = full_state_dict(policy)
         if rank0:
@@ -89,12 +91,15 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()
         time.sleep(cfg.debug.learner_step_delay_s)
-        stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather, poison=step in cfg.debug.nan_loss_steps)
+        stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather, poison=step in cfg.debug.nan_loss_steps,
+                                before_micro=lend or (lambda: None))
         guard.check(step, stats)  # raises after learner.max_bad_steps non-finite steps in a row
         version += 1
         state = full_state_dict(policy)
         t2 = time.time()
         if rank0:
+            if lend:  # generators get new weights and prompts next: give the cores back first
+                stats |= lend.release(train_s=t2 - t1)
             hub.publish(publishable(state, policy), version)
             stats |= step_metrics(hub, batch, t0, t1, t2, version)
             if lc.eval_every and step % lc.eval_every == 0 and step != lc.steps:

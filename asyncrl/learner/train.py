@@ -23,7 +23,8 @@ def _micro(rows: slice, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config, kappa: float | None):
+def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config, kappa: float | None,
+                    before_micro: Callable[[], None] = lambda: None):
     """pi_old quantities for this rank's rows, once per batch before any update:
     log-probs, entropy and, for Lp-Reg, the min-p proxy log-probs."""
     S, L = batch.input_ids.shape
@@ -32,6 +33,7 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
     proxy = torch.full((S, L), float("-inf"), device=dev) if kappa is not None else None
     for r in rows:
         for mb in _micro(r, cfg.learner.micro_batch_size):
+            before_micro()
             lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
                                with_entropy=True, kappa=kappa)
             old[mb], ent[mb] = lp, e
@@ -54,11 +56,12 @@ def behaviour_weights(old: Tensor, behaviour: Tensor, mask: Tensor, mode: str, c
 
 def train_on_batch(
     policy: Policy, opt: torch.optim.Optimizer, algo: Algorithm, batch: Batch, cfg: Config,
-    all_gather: Callable[[Tensor], Tensor], poison: bool = False,
+    all_gather: Callable[[Tensor], Tensor], poison: bool = False, before_micro: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """``poison`` (debug.nan_loss_steps) makes the loss NaN, to exercise the guard: an
     optimiser step whose loss (on any rank) or gradient norm is not finite is skipped
-    and counted in ``train/skipped_steps``."""
+    and counted in ``train/skipped_steps``. ``before_micro`` runs before every
+    micro-batch's forward (the learner's core lending, ``asyncrl.learner.cores``)."""
     lc, rank, world = cfg.learner, dist.get_rank(), dist.get_world_size()
     batch = batch.to(next(policy.parameters()).device)
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
@@ -75,7 +78,7 @@ def train_on_batch(
         old, proxy, ent = None, None, torch.zeros(mask.shape, device=mask.device)
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
-        old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa)
+        old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa, before_micro)
     is_weights = None if old is None else behaviour_weights(old, batch.behaviour_logprobs, mask, lc.off_policy, lc.is_cap)
     ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
@@ -89,6 +92,7 @@ def train_on_batch(
 
         def forward(sl: slice, base=r.start):
             sl = slice(base + sl.start, base + sl.stop)
+            before_micro()
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
                               with_entropy=algo.needs_entropy or skip_old)
             if skip_old and torch.is_grad_enabled():

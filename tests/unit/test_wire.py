@@ -234,3 +234,28 @@ def test_hub_rejects_unrequested_duplicate_and_out_of_range_groups(link):
     while hub.rejected_groups < 4 and time.monotonic() < deadline:
         hub._receive(timeout_s=0.2)
     assert hub.rejected_groups == 4 and hub.in_flight == 0
+
+
+def test_hub_sees_generators_idle_once_their_groups_arrived(link):
+    """What core lending (learner.borrow_threads) reads before every micro-batch: busy
+    while a requested group is out, idle once it has arrived, without blocking."""
+    from asyncrl.config import Config
+    from asyncrl.learner.hub import RolloutHub
+
+    learner, gen = link
+    hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None, vocab_size=1000)
+    assert not hub.generators_busy()
+    hub.outstanding.add(3)
+    hub.outstanding_eval.add(-1)
+    t0 = time.monotonic()
+    assert hub.generators_busy()
+    assert time.monotonic() - t0 < 0.5  # a poll, not a wait
+    lengths = [2, 3]
+    gen.send(traj_header(lengths), trajectory_frames(valid_samples(lengths)))
+    deadline = time.monotonic() + TIMEOUT_S
+    while hub.outstanding and time.monotonic() < deadline:
+        hub.generators_busy()
+    assert list(hub.buffer)[0].msg.group_id == 3
+    assert hub.generators_busy()  # the eval group is still out
+    hub.outstanding_eval.clear()
+    assert not hub.generators_busy()
