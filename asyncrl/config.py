@@ -160,6 +160,13 @@ class GeneratorConfig(_Section):
     max_tokens: int = 64
     threads: int = 2
     """torch intra-op threads per generator process."""
+    on_weight_update: Literal["continue", "restart"] = "continue"
+    """New weights arriving while a batch is being generated. continue: applied between
+    decode steps; each sample's later tokens are sampled (and versioned) by the new
+    weights, its prefix re-encoded with them. restart: the batch is abandoned and
+    resampled from scratch with the new weights, so every sample comes from one
+    version, at the cost of the work done so far (sglang: no effect, its requests
+    always run to completion)."""
     vllm: VLLMOptions = msgspec.field(default_factory=VLLMOptions)
     sglang: SGLangOptions = msgspec.field(default_factory=SGLangOptions)
 

@@ -33,6 +33,12 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+class GenerationInterrupted(Exception):
+    """Raised by ``between_steps`` to abandon the batch in flight (the worker resubmits
+    it: ``generator.on_weight_update: restart``). Engines release the batch's requests
+    and let it propagate."""
+
+
 class Engine(Protocol):
     version: int  # policy version of the weights currently loaded
 
@@ -41,7 +47,8 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """For each prompt (token ids), ``params.n`` completions. ``between_steps`` (if
         given) is called between decode steps where the engine can pause; it may call
-        ``load_weights``, after which tokens are sampled with the new weights."""
+        ``load_weights``, after which tokens are sampled with the new weights, or raise
+        :class:`GenerationInterrupted` to abandon the batch."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:

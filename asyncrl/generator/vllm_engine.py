@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from asyncrl.generator.engine import Completion, SamplingParams
+from asyncrl.generator.engine import Completion, GenerationInterrupted, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,21 @@ class VLLMEngine:
         lps: dict[str, list[float]] = {rid: [] for rid in rids}
         vers: dict[str, list[int]] = {rid: [] for rid in rids}
         finish: dict[str, str] = {}
-        while engine.has_unfinished_requests():
-            version = self.version  # the weights this step ran with
-            for out in engine.step():
-                rid, c = out.request_id, out.outputs[0]
-                ids[rid] += c.token_ids
-                lps[rid] += [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
-                vers[rid] += [version] * len(c.token_ids)
-                if out.finished:
-                    finish[rid] = "length" if c.finish_reason == "length" else "stop"
-            if between_steps is not None:
-                between_steps()
+        try:
+            while engine.has_unfinished_requests():
+                version = self.version  # the weights this step ran with
+                for out in engine.step():
+                    rid, c = out.request_id, out.outputs[0]
+                    ids[rid] += c.token_ids
+                    lps[rid] += [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+                    vers[rid] += [version] * len(c.token_ids)
+                    if out.finished:
+                        finish[rid] = "length" if c.finish_reason == "length" else "stop"
+                if between_steps is not None:
+                    between_steps()
+        except GenerationInterrupted:  # the worker resubmits the batch: free its requests first
+            engine.abort_request([r for r in rids if r not in finish])
+            raise
         comps = [Completion(ids[r], lps[r], vers[r], finish[r]) for r in rids]
         return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
 

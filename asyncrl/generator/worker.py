@@ -2,8 +2,10 @@
 
 Takes prompt groups from the learner, samples ``n`` answers per prompt with its
 engine, scores them with the verifier of the row's ``data_source`` and sends one
-``TrajectoryGroup`` per prompt. Weight updates are applied between batches; a batch
-that asks for a newer version than the engine has waits for those weights.
+``TrajectoryGroup`` per prompt. Weight updates are applied as they arrive, between
+decode steps of a batch in flight (or the batch is resampled with them:
+``generator.on_weight_update``); a batch that asks for a newer version than the engine
+has waits for those weights.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from asyncrl.config import Config, from_yaml_file
-from asyncrl.generator.engine import Engine, SamplingParams
+from asyncrl.generator.engine import Engine, GenerationInterrupted, SamplingParams
 from asyncrl.logs import setup_logging
 from asyncrl.rewards import RewardPool, build_reward_pool
 from asyncrl.wire.codec import SampleArrays, trajectory_frames
@@ -113,6 +115,8 @@ class Worker:
         self.shutdown: str | None = None
         self.busy_s = 0.0  # cumulative generation time, reported with every group
         self.weights: WeightReceiver = ZmqWeights()  # transport.weights (main sets it)
+        self.restart_on_update = False  # generator.on_weight_update == "restart" (main sets it)
+        self.resampled = 0  # batches abandoned for new weights and sampled again
 
     def handle(self, msg, frames) -> None:
         if isinstance(msg, Shutdown):
@@ -131,6 +135,30 @@ class Worker:
         while self.shutdown is None and (got := self.link.recv(timeout_s=0)) is not None:
             self.handle(*got)
 
+    def generate(self, msg: Prompts) -> list[tuple[TrajectoryGroup, list]]:
+        """One engine batch. With ``restart_on_update`` (generator.on_weight_update:
+        restart) new weights arriving mid-batch abandon it, and it is sampled again from
+        scratch with them: as if it had started after the update (same seed rule)."""
+        while True:
+            version, t0 = self.engine.version, time.time()
+            reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream
+            if reseed is not None:
+                reseed(batch_seed(self.seed, msg.groups[0].group_id, version))
+
+            def between_steps() -> None:
+                self.poll()
+                if self.restart_on_update and self.engine.version != version:
+                    raise GenerationInterrupted
+
+            try:
+                return run_prompts(self.engine, self.tok, msg, self.worker_id, between_steps, self.busy_s,
+                                   self.rewards)
+            except GenerationInterrupted:
+                self.busy_s += time.time() - t0  # the abandoned work was busy time too
+                self.resampled += 1
+                log.info("weights v%d arrived mid-batch: resampling its %d group(s) from scratch (%d so far)",
+                         self.engine.version, len(msg.groups), self.resampled)
+
     def serve(self, stop) -> None:
         while not stop() and self.shutdown is None:
             got = self.link.recv(timeout_s=1.0)
@@ -140,10 +168,7 @@ class Worker:
                 msg = self.pending.popleft()
                 time.sleep(self.delay_s)
                 t0 = time.time()
-                reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream
-                if reseed is not None:
-                    reseed(batch_seed(self.seed, msg.groups[0].group_id, self.engine.version))
-                results = run_prompts(self.engine, self.tok, msg, self.worker_id, self.poll, self.busy_s, self.rewards)
+                results = self.generate(msg)
                 self.busy_s = results[-1][0].busy_total_s
                 if self.timeline is not None:  # activity spans, for benchmarks/async_speedup.py
                     self.timeline.write(json.dumps({"start": t0, "end": time.time(), "purpose": msg.purpose,
@@ -176,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
+        worker.restart_on_update = cfg.generator.on_weight_update == "restart"
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:

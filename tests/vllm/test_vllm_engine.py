@@ -144,3 +144,24 @@ def test_weights_loaded_between_decode_steps(vllm_engine, hf_model, vllm_model_d
         assert spanning >= 1
     finally:
         vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=v0)
+
+
+def test_interrupted_batch_is_released(vllm_engine, hf_model):
+    """generator.on_weight_update=restart: ``between_steps`` raising GenerationInterrupted
+    abandons the batch; its requests leave the engine, and the next batch runs clean."""
+    from asyncrl.generator.engine import GenerationInterrupted
+
+    steps = []
+
+    def between_steps():
+        steps.append(1)
+        if len(steps) == 2:
+            raise GenerationInterrupted
+
+    params = SamplingParams(n=2, max_tokens=16, temperature=1.0)
+    with pytest.raises(GenerationInterrupted):
+        vllm_engine.generate(PROMPTS, params, between_steps=between_steps)
+    assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
+    outs = vllm_engine.generate(PROMPTS, params)
+    assert [len(o) for o in outs] == [2, 2, 2]
+    assert max_error(hf_model, PROMPTS, outs, 1.0) < TOL
