@@ -62,8 +62,8 @@ def batch_metrics(batch: Batch, version: int) -> dict[str, float]:
     lens = mask.sum(-1).float()
     lag = version - batch.versions.masked_fill(~mask, version).min(-1).values
     return {"train/reward_mean": batch.rewards.mean().item(), "train/accuracy": (batch.rewards == 1).float().mean().item(),
-            "train/response_length": lens.mean().item(), "async/lag_mean": lag.float().mean().item(),
-            "async/lag_max": lag.max().item()}
+            "train/response_length": lens.mean().item(), "async/lag_min": lag.min().item(),
+            "async/lag_mean": lag.float().mean().item(), "async/lag_max": lag.max().item()}
 
 
 def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: MetricsLogger | None, tok, stop,
