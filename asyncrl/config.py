@@ -271,11 +271,13 @@ class TransportConfig(_Section):
     dropped by libzmq before it is allocated."""
     max_weights_mb: float = 65536.0
     """Largest weight update a generator accepts (every tensor of one version)."""
-    weights: Literal["zmq", "disk", "nccl"] = "zmq"
+    weights: Literal["zmq", "disk", "nccl", "cuda_ipc"] = "zmq"
     """How new weights reach the generators (the notice always travels over ZeroMQ):
     zmq = raw tensor frames (works anywhere); disk = safetensors in ``weights_dir``
     written atomically, engines reload it; nccl = a broadcast from learner rank 0 to the
-    generators over a NCCL group (GPU learners and GPU engines)."""
+    generators over a NCCL group (GPU learners and GPU engines, a GPU each); cuda_ipc =
+    the generators share learner rank 0's GPU and copy from its memory (one node,
+    cluster.backend=local, generator.engine=hf)."""
     weights_dir: str = ""
     """disk: a directory every generator can read (shared storage on a cluster);
     empty = <run.dir>/weights, which only works when the run directory is shared."""
@@ -381,6 +383,16 @@ def _check_cluster(cfg: Config) -> None:
         if cfg.generator.engine == "sglang" and cfg.generator.sglang.url:
             raise ValueError("transport.weights=nccl cannot reach an external SGLang server "
                              "(generator.sglang.url); use transport.weights=disk")
+        # Which GPU a role gets: Ray gives every bundle whole GPUs of its own (never shared),
+        # the local backend pins no engine: vllm and sglang start on GPU 0, learner rank 0's.
+        if cl.backend == "local":
+            raise ValueError(
+                "transport.weights=nccl with cluster.backend=local: the generators' engines would share GPU 0 with "
+                "learner rank 0, and NCCL refuses two ranks on one GPU; on one GPU use transport.weights=cuda_ipc "
+                "(with generator.engine=hf), on several use cluster.backend=ray (a GPU of its own for every role)"
+            )
+    if tc.weights == "cuda_ipc":
+        _check_cuda_ipc(cfg)
     if tc.weights == "disk" and not tc.weights_dir and (cl.nodes > 1 or cl.address):
         raise ValueError(
             "transport.weights=disk on a multi-node cluster needs transport.weights_dir: a directory on "
@@ -394,6 +406,28 @@ def _check_cluster(cfg: Config) -> None:
                 "a multiple of the learner ranks per node (cluster.gpus_per_node // cluster.learner_gpus, "
                 f"here {per_node}); use learner.mesh=shard on CPU"
             )
+
+
+def _check_cuda_ipc(cfg: Config) -> None:
+    cl = cfg.cluster
+    if cl.learner_gpus != 1 or cl.generator_gpus != 1:
+        raise ValueError(
+            "transport.weights=cuda_ipc shares learner rank 0's GPU memory with the generators: it needs a GPU "
+            f"learner and GPU engines on that GPU (cluster.learner_gpus=1 and cluster.generator_gpus=1, got "
+            f"{cl.learner_gpus} and {cl.generator_gpus}, with cluster.gpus_per_node >= 1); on CPU use "
+            "transport.weights=zmq"
+        )
+    if cl.backend != "local" or cl.nodes != 1:
+        raise ValueError(
+            "transport.weights=cuda_ipc needs learner rank 0 and the generators on one GPU of one node: use "
+            "cluster.backend=local with cluster.nodes=1 (Ray gives every role GPUs of its own); across GPUs "
+            "use transport.weights=nccl"
+        )
+    if cfg.generator.engine != "hf":
+        raise ValueError(
+            f"transport.weights=cuda_ipc feeds an in-process PyTorch engine: use generator.engine=hf (got "
+            f"{cfg.generator.engine}), or transport.weights=nccl with a GPU per engine"
+        )
 
 
 # ---------------------------------------------------------------- loading

@@ -4,7 +4,11 @@ A pure function of the config (``cluster.nodes``, ``gpus_per_node``, ``learner_g
 ``generator_gpus``), used by ``--dry-run`` and by the Ray backend to shape its placement
 groups. Learner ranks are packed node by node from node 0 (so the ranks of a node are
 contiguous: what the hybrid FSDP mesh assumes); generators fill the GPUs left over,
-first the learners' last node, then the following nodes.
+first the learners' last node, then the following nodes. With ``transport.weights:
+cuda_ipc`` the generators share learner rank 0's GPU instead (one node).
+
+``generator_gpu`` is the same decision seen from inside a generator process: which
+CUDA device its ``hf`` engine runs on.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def plan_placement(cfg: Config) -> list[Placement]:
         plan = [Placement("learner", r, 0, 0, cl.cpus_per_role) for r in range(world)]
         others = list(range(1, cl.nodes)) or [0]
         return plan + [Placement("generator", w, others[w % len(others)], 0, cl.cpus_per_role) for w in range(workers)]
+    if cfg.transport.weights == "cuda_ipc":  # generators on learner rank 0's GPU: they take no GPU of their own
+        plan = [Placement("learner", r, 0, cl.learner_gpus, cl.cpus_per_role) for r in range(world)]
+        if world * cl.learner_gpus > cl.gpus_per_node:
+            raise ConfigError(_too_small(cfg, f"learner rank {cl.gpus_per_node}"))
+        return plan + [Placement("generator", w, 0, 0, cl.cpus_per_role) for w in range(workers)]
     free = [cl.gpus_per_node] * cl.nodes
     plan, node = [], 0
     for r in range(world):
@@ -52,6 +61,24 @@ def plan_placement(cfg: Config) -> list[Placement]:
         free[node] -= cl.generator_gpus
         plan.append(Placement("generator", w, node, cl.generator_gpus, cl.cpus_per_role))
     return plan
+
+
+def generator_gpu(cfg: Config, worker_id: int) -> int | None:
+    """The CUDA device index (as the generator's own process numbers devices) that
+    generator ``worker_id``'s hf engine runs on; None = the CPU.
+
+    ray: Ray sets CUDA_VISIBLE_DEVICES to the GPUs of the actor's bundle, so its first
+    GPU is device 0. local: every process sees every GPU of the machine and learner
+    rank r uses device r; with cuda_ipc the generators share rank 0's device, otherwise
+    they take the devices after the learners' (as the plan does on one node)."""
+    cl = cfg.cluster
+    if cl.generator_gpus == 0:
+        return None
+    if cl.backend == "ray":
+        return 0
+    if cfg.transport.weights == "cuda_ipc":
+        return 0
+    return cfg.learner.world_size * cl.learner_gpus + worker_id * cl.generator_gpus
 
 
 def _too_small(cfg: Config, what: str) -> str:
@@ -77,5 +104,8 @@ def format_plan(cfg: Config, plan: list[Placement]) -> str:
             if mine:
                 ids = ", ".join(str(p.index) for p in mine)
                 label = "ranks" if role == "learner" else "workers"
-                lines.append(f"  {role} {label} {ids} ({mine[0].gpus} GPU, {mine[0].cpus:g} CPU each)")
+                gpus = f"{mine[0].gpus} GPU"
+                if role == "generator" and cfg.transport.weights == "cuda_ipc":
+                    gpus = "on learner rank 0's GPU (cuda_ipc)"
+                lines.append(f"  {role} {label} {ids} ({gpus}, {mine[0].cpus:g} CPU each)")
     return "\n".join(lines)

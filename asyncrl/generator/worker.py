@@ -30,7 +30,7 @@ from asyncrl.rewards import RewardPool, build_reward_pool
 from asyncrl.wire.codec import SampleArrays, trajectory_frames
 from asyncrl.wire.schema import Hello, Prompts, SampleMeta, Shutdown, TrajectoryGroup, WeightUpdate
 from asyncrl.wire.transport import GeneratorEndpoint
-from asyncrl.wire.weights import WeightReceiver, ZmqWeights, build_receiver
+from asyncrl.wire.weights import WeightReceiver, ZmqWeights, build_receiver, weights_digest
 
 log = logging.getLogger("asyncrl.generator")
 INLINE_REWARDS = RewardPool(processes=0)
@@ -44,6 +44,26 @@ def batch_seed(run_seed: int, first_group_id: int, version: int) -> int:
     return (run_seed * 1_000_003 + first_group_id * 7_919 + version) % (2**63)
 
 
+def engine_device(cfg: Config, worker_id: int) -> torch.device:
+    """The hf engine's device (``cluster.generator_gpus``; which GPU: ``placement.generator_gpu``),
+    made this process's current CUDA device."""
+    from asyncrl.cluster.placement import generator_gpu
+
+    index = generator_gpu(cfg, worker_id)
+    if index is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"cluster.generator_gpus={cfg.cluster.generator_gpus} but generator {worker_id} sees no "
+                           "CUDA device; set cluster.generator_gpus=0 to generate on the CPU")
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"generator {worker_id} would run on GPU {index} (after the learner ranks' GPUs), but this machine has "
+            f"{torch.cuda.device_count()}; lower generator.num_workers or learner.world_size, or with one GPU share "
+            "it with learner rank 0: transport.weights=cuda_ipc")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
     from asyncrl.models import load_model, load_tokenizer, resolve_model_path
 
@@ -51,7 +71,9 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
     if cfg.generator.engine == "hf":
         from asyncrl.generator.hf import HFEngine
 
-        model = load_model(cfg.model.path, cfg.model.dtype)
+        device = engine_device(cfg, worker_id)
+        model = load_model(cfg.model.path, cfg.model.dtype).to(device)
+        log.info("hf engine on %s", device)
         return HFEngine(model, pad_id=tok.pad_token_id, seed=cfg.run.seed * 1000 + worker_id), tok
     if cfg.generator.engine == "vllm":
         from asyncrl.generator.vllm_engine import VLLMEngine
@@ -124,9 +146,13 @@ class Worker:
         elif isinstance(msg, WeightUpdate):
             t0 = time.time()
             named = self.weights.receive(msg, frames)
-            if named is not None:  # None: superseded on disk; the newer notice is queued
-                self.engine.load_weights(named, msg.version)
-            log.debug("loaded weights v%d in %.3fs", msg.version, time.time() - t0)
+            if named is None:  # superseded (disk, cuda_ipc): the newer notice is queued
+                return
+            self.engine.load_weights(named, msg.version)
+            if log.isEnabledFor(logging.DEBUG):  # before loaded(): cuda_ipc buffers may change after it
+                log.debug("loaded weights v%d in %.3fs (digest %s)", msg.version, time.time() - t0,
+                          weights_digest(named))
+            self.weights.loaded(msg.version)
         elif isinstance(msg, Prompts):
             self.pending.append(msg)
 
@@ -198,13 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     rewards = build_reward_pool(cfg)
     pid_file = Path(args.run_dir) / "logs" / f"generator{args.worker_id}.pid"  # for tests and operators
     pid_file.write_text(f"{os.getpid()}\n")
+    worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
     try:
-        worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
         worker.restart_on_update = cfg.generator.on_weight_update == "restart"
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:
+        worker.weights.close()
         rewards.close()
         link.close()
         engine.shutdown()

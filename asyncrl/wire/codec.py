@@ -86,12 +86,14 @@ def decode_checked(frames: list, limits: Limits = Limits()) -> tuple[Message, li
         trajectory_arrays(msg, rest)
     elif isinstance(msg, WeightUpdate) and msg.transport == "zmq":
         _weight_layout(msg, rest)
-    elif isinstance(msg, WeightUpdate):  # a notice: the tensors travel by disk or broadcast
+        _check_ipc_notice(msg)  # none on a zmq update
+    elif isinstance(msg, WeightUpdate):  # a notice: the tensors travel by disk, broadcast or CUDA IPC
         if rest:
             raise WireError(f"a {msg.transport} weight notice carries no frames, got {len(rest)}", "frames")
         for meta in msg.tensors:
             if math.prod(max(d, 1) for d in meta.shape) > MAX_EXTENT:
                 raise WireError(f"{meta.name[:200]!r}: shape {meta.shape} is absurd", "arrays")
+        _check_ipc_notice(msg)
     elif rest:
         raise WireError(f"{type(msg).__name__} carries no array frames, got {len(rest)}", "frames")
     return msg, rest
@@ -185,3 +187,49 @@ def weight_tensors(msg: WeightUpdate, frames: list) -> list[tuple[str, torch.Ten
         raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
         out.append((meta.name, raw.view(dtype).reshape(meta.shape)))
     return out
+
+
+# ----------------------------------------------------------------- cuda_ipc
+
+
+STAMP = 1  # element 0 of a cuda_ipc slot's int64 buffer: the version the slot holds (-1 while it is rewritten)
+
+
+def ipc_layout(tensors: list[TensorMeta]) -> tuple[list[tuple[str, int, int]], dict[str, int]]:
+    """Where each tensor of a cuda_ipc notice lives: (dtype, element offset, numel) in the
+    flat buffer of its dtype (tensors of one dtype back to back, in notice order; the
+    int64 buffer starts with the slot's version stamp), and the buffers' sizes per
+    dtype. A pure function of the notice, so the learner and the generators agree on it
+    without sending offsets."""
+    totals: dict[str, int] = {"int64": STAMP}
+    places = []
+    for meta in tensors:
+        numel = math.prod(meta.shape)
+        start = totals.get(meta.dtype, 0)
+        places.append((meta.dtype, start, numel))
+        totals[meta.dtype] = start + numel
+    return places, {d: n for d, n in totals.items() if n}
+
+
+def _check_ipc_notice(msg: WeightUpdate) -> None:
+    """cuda_ipc: exactly one buffer per dtype that has elements, each exactly the size the
+    tensors need and inside its shared storage (a view past it would read foreign GPU
+    memory); any other transport: no CUDA IPC fields at all."""
+    if msg.transport != "cuda_ipc":
+        if msg.ipc_buffers or msg.ack_port:
+            raise WireError(f"a {msg.transport} weight update carries cuda_ipc fields", "schema")
+        return
+    if not msg.ack_port:
+        raise WireError("a cuda_ipc weight notice without ack_port", "schema")
+    _, totals = ipc_layout(msg.tensors)
+    dtypes = [b.dtype for b in msg.ipc_buffers]
+    if sorted(dtypes) != sorted(totals):
+        raise WireError(f"cuda_ipc buffers for dtypes {sorted(dtypes)}, the tensors need {sorted(totals)}", "arrays")
+    for b in msg.ipc_buffers:
+        itemsize = _TORCH_DTYPES[b.dtype].itemsize
+        if b.numel != totals[b.dtype]:
+            raise WireError(f"cuda_ipc {b.dtype} buffer of {b.numel} elements, the tensors need {totals[b.dtype]}",
+                            "arrays")
+        if (b.tensor_offset + b.numel) * itemsize > b.storage_size_bytes:
+            raise WireError(f"cuda_ipc {b.dtype} buffer ends past its shared storage ({b.storage_size_bytes} bytes)",
+                            "arrays")

@@ -28,7 +28,7 @@ from asyncrl.wire.schema import (
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
             "uint8": 1, "bool": 1}
-_TAGS = {"hello", "prompts", "trajectories", "weights", "shutdown"}
+_TAGS = {"hello", "prompts", "trajectories", "weights", "weights_ack", "shutdown"}
 _MAP_FIRST_BYTES = set(range(0x80, 0x90)) | {0xDE, 0xDF}  # a header is always a msgpack map
 
 

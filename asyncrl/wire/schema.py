@@ -26,6 +26,9 @@ MAX_GROUPS = 1 << 16  # prompt groups in one Prompts message
 MAX_TENSORS = 1 << 16  # tensors in one weight update
 MAX_DIMS = 8
 MAX_TEXT = 1 << 16  # characters in a free-text field (ground truth, data source, names)
+# bytes of an opaque CUDA IPC handle: cudaIpcMemHandle_t and cudaIpcEventHandle_t are 64, but torch's
+# handle for an expandable-segments allocation grows with the segments it spans
+MAX_HANDLE = 1 << 16
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # int32 in the per-token version frame
@@ -99,20 +102,56 @@ class TensorMeta(msgspec.Struct, forbid_unknown_fields=True):
     shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 
 
+class CudaIpcBuffer(msgspec.Struct, forbid_unknown_fields=True):
+    """One flat buffer in learner rank 0's GPU memory, shared by CUDA IPC: every tensor
+    of ``dtype`` in the notice, in notice order, back to back (``asyncrl.wire.cuda_ipc``).
+    The fields are those of torch's CUDA storage sharing (``reduce_tensor`` /
+    ``rebuild_cuda_tensor`` in torch.multiprocessing.reductions), spelled out so that
+    nothing is pickled. The sender's device index is not sent: the generator opens the
+    buffer on its own device (its numbering may differ), checked by ``gpu_uuid``."""
+
+    dtype: WeightDtype
+    numel: Dim  # elements of the buffer
+    tensor_offset: Dim  # the buffer's first element in its storage
+    handle: Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_HANDLE)]  # cudaIpcMemHandle of the allocation
+    storage_size_bytes: Dim
+    storage_offset_bytes: Dim  # where the storage starts in that allocation
+    ref_counter_handle: Annotated[bytes, msgspec.Meta(max_length=MAX_HANDLE)]  # torch's shared ref-counter file
+    ref_counter_offset: Dim
+    event_handle: Annotated[bytes, msgspec.Meta(max_length=MAX_HANDLE)]  # cudaIpcEventHandle recorded at sharing
+    event_sync_required: bool
+    gpu_uuid: Annotated[str, msgspec.Meta(max_length=128)]  # the physical GPU the buffer lives on
+
+
 class WeightUpdate(_Msg, tag="weights"):
     """Learner -> generator: new weights; one raw frame per tensor, in order."""
 
     version: Version
     tensors: Annotated[list[TensorMeta], msgspec.Meta(max_length=MAX_TENSORS)]
-    transport: Literal["zmq", "disk", "nccl"] = "zmq"
+    transport: Literal["zmq", "disk", "nccl", "cuda_ipc"] = "zmq"
     """Where the tensors are (asyncrl.wire.weights): zmq = the frames of this message;
-    disk / nccl = a notice without frames, the tensors come from storage / a broadcast."""
+    disk / nccl / cuda_ipc = a notice without frames, the tensors come from storage / a
+    broadcast / GPU memory shared by learner rank 0 (``ipc_buffers``)."""
+    ipc_buffers: Annotated[list[CudaIpcBuffer], msgspec.Meta(max_length=len(WEIGHT_DTYPES))] = []
+    """cuda_ipc only: one shared buffer per dtype present in ``tensors``."""
+    ack_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """cuda_ipc only: the loopback port where the generator acknowledges this version once
+    its engine has copied the weights out (the learner may then overwrite the buffers)."""
+
+
+class WeightsAck(_Msg, tag="weights_ack"):
+    """Generator -> learner rank 0 over the cuda_ipc acknowledgement socket (not the
+    trajectory link): worker ``worker_id`` has read every notice up to ``version``."""
+
+    worker_id: Count
+    version: Version
 
 
 class Shutdown(_Msg, tag="shutdown"):
     reason: Text = ""
 
 
-Message = Hello | Prompts | TrajectoryGroup | WeightUpdate | Shutdown
+Message = Hello | Prompts | TrajectoryGroup | WeightUpdate | WeightsAck | Shutdown
 UPSTREAM = (Hello, TrajectoryGroup)  # what a learner receives
 DOWNSTREAM = (Prompts, WeightUpdate, Shutdown)  # what a generator receives
+ACKS = (WeightsAck,)  # what learner rank 0's cuda_ipc acknowledgement socket receives

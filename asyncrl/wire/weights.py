@@ -1,4 +1,4 @@
-"""Weight sync: one protocol, three transports (``transport.weights``).
+"""Weight sync: one protocol, four transports (``transport.weights``).
 
 Every transport sends the generators a ``WeightUpdate`` notice over the ZeroMQ link (so
 weights stay ordered with prompts: a batch that needs version v finds v loaded); what
@@ -13,15 +13,19 @@ differs is where the tensors travel:
 - ``nccl``: broadcast from learner rank 0 to every generator over a process group of
   its own (rank 0 + one rank per generator), rendezvous over TCP on rank 0's host. GPU
   learners and GPU engines only; the same code runs over gloo on CPU for tests.
+- ``cuda_ipc``: learner rank 0 and the engines on one GPU (where NCCL refuses two ranks
+  on one device): the notice carries CUDA IPC handles of buffers in rank 0's GPU memory,
+  the generator copies from them and acknowledges (``asyncrl.wire.cuda_ipc``).
 
 The learner side is a ``WeightSender`` (``notice`` builds the message, ``after_notice``
 moves the tensors where they do not ride on the message); the generator side a
 ``WeightReceiver`` (``receive`` turns a notice into named tensors for
-``Engine.load_weights``).
+``Engine.load_weights``, ``loaded`` runs once the engine has copied them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +61,11 @@ class WeightReceiver(Protocol):
         """The tensors of this version; None if it was superseded before it could be read."""
         ...
 
+    def loaded(self, version: int) -> None:
+        """Called once the engine has copied what ``receive`` returned (cuda_ipc: the
+        learner may now overwrite its buffers)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -87,6 +96,9 @@ class ZmqWeights:
 
     def receive(self, msg: WeightUpdate, frames: list) -> Named:
         return weight_tensors(msg, frames)
+
+    def loaded(self, version: int) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -168,6 +180,9 @@ class DiskWeightReceiver:
         if not _FILE.fullmatch(marker["file"]):
             raise WireError(f"weights marker names {marker['file']!r}", "arrays")
         return int(marker["version"]), list(load_file(str(self.dir / marker["file"])).items())
+
+    def loaded(self, version: int) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -255,6 +270,9 @@ class BroadcastWeightReceiver:
             out.append((m.name, t))
         return out
 
+    def loaded(self, version: int) -> None:
+        pass
+
     def close(self) -> None:
         if self.group is not None:
             self.group.close()
@@ -278,6 +296,10 @@ def build_sender(cfg, run_dir: str | Path) -> WeightSender:
         return DiskWeightSender(weights_dir(cfg, run_dir))
     if tc.weights == "nccl":
         return BroadcastWeightSender(tc.host, _broadcast_port(tc), cfg.generator.num_workers, "nccl", tc.timeout_s)
+    if tc.weights == "cuda_ipc":
+        from asyncrl.wire.cuda_ipc import CudaIpcWeightSender
+
+        return CudaIpcWeightSender(cfg.generator.num_workers, tc.timeout_s)
     return ZmqWeights()
 
 
@@ -289,4 +311,19 @@ def build_receiver(cfg, run_dir: str | Path, worker_id: int, learner_host: str) 
     if tc.weights == "nccl":
         return BroadcastWeightReceiver(learner_host, _broadcast_port(tc), worker_id, cfg.generator.num_workers,
                                        "nccl", tc.timeout_s)
+    if tc.weights == "cuda_ipc":  # on the generator's current CUDA device (the worker set it)
+        from asyncrl.wire.cuda_ipc import CudaIpcWeightReceiver
+
+        return CudaIpcWeightReceiver(worker_id)
     return ZmqWeights()
+
+
+def weights_digest(named: Named) -> str:
+    """A fingerprint of weights, bit for bit (names, dtypes, shapes, bytes; order-free):
+    what a generator loaded can be compared with what the learner saved."""
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda x: x[0]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
