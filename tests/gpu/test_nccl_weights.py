@@ -2,10 +2,12 @@
 ProcessGroupNCCL of its own from a TCPStore (beside no default group) and learner rank
 0's broadcast reaches the generators bit for bit (bf16 and fp32, several versions).
 
-One rank per GPU (NCCL refuses two ranks on one device): the single-rank test runs on
-any CUDA machine (group construction + a broadcast through NCCL), the learner ->
-generator test needs 2 GPUs. The same sender/receiver code runs over gloo on CPU in
-tests/integration/test_weight_transports.py."""
+One rank per GPU (NCCL refuses two ranks on one device, "Duplicate GPU detected"): on
+one GPU the tests build the group and run the learner's sender through NCCL with rank
+0 alone (group construction, the tensors' move to the GPU, bf16 and 0-d broadcasts);
+the learner -> generator test needs 2 GPUs. A learner and an engine sharing one GPU use
+``transport.weights=cuda_ipc`` instead (tests/gpu/test_cuda_ipc_weights.py). The same
+sender/receiver code runs over gloo on CPU in tests/integration/test_weight_transports.py."""
 
 from __future__ import annotations
 
@@ -41,6 +43,23 @@ def test_nccl_group_on_one_gpu():
     torch.cuda.synchronize()
     assert torch.equal(t.cpu(), torch.arange(10.0)) and group.device.type == "cuda"
     group.close()
+
+
+def test_nccl_sender_alone_on_one_gpu():
+    """Learner rank 0's side of a publish (notice, then the broadcast) on a NCCL group of
+    one: what one GPU can check of the learner -> generator path."""
+    torch.cuda.set_device(0)
+    sender = BroadcastWeightSender("127.0.0.1", free_port(), num_generators=0, backend="nccl", timeout_s=60)
+    for v in (1, 2):
+        named = weights(v)  # CPU tensors, as the learner's full state dict is
+        msg, frames = sender.notice(named, v)
+        assert (msg.version, msg.transport, frames) == (v, "nccl", [])
+        assert [(m.name, m.dtype, list(m.shape)) for m in msg.tensors] == [
+            (k, str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in named]
+        sender.after_notice(named)
+    torch.cuda.synchronize()
+    assert sender.group is not None and sender.group.device.type == "cuda"
+    sender.close()
 
 
 def _rank(rank: int, port: int, out: str) -> None:
