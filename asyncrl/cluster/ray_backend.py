@@ -6,8 +6,13 @@ with the torch.distributed variables, so signals, process groups and CUDA device
 behave exactly as with the local backend. Ray provides the placement (GPUs per role,
 learner ranks packed node by node: one STRICT_PACK group per node), the node addresses
 (learner rank 0's actor reports its IP: MASTER_ADDR, and on a real cluster the ZeroMQ
-host the generators connect to) and the health signal (a role that fails or an actor
-that dies stops the run with its error, exit 1).
+host the generators connect to) and the health signal. A generator whose process fails
+or whose actor dies is restarted as with the local backend (``generator.max_restarts``,
+``generator.restart_backoff_s`` doubling): a dead actor is replaced by a new one in the
+same placement-group bundle, and the learner re-issues the groups it had in flight when
+the new process says Hello. Any other failure stops the run with its error, exit 1.
+A role's process dies with its actor (Linux parent-death signal), so a killed actor
+leaves no orphan talking to the learner under its successor's identity.
 
 Without ``cluster.address`` a private single-node Ray starts for the run, bound to
 loopback only, with its temp dir under /tmp (unix socket paths must stay under 107
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -44,6 +50,22 @@ PLACEMENT_TIMEOUT_S = 300.0
 
 class RoleFailed(RuntimeError):
     """A role's process exited with an error; the message carries its last output."""
+
+
+# Runs first in the role's process: ask for SIGKILL when the actor that started it dies
+# (prctl PR_SET_PDEATHSIG = 1; it survives the exec), exit if that already happened,
+# then exec the role. Not a preexec_fn: that runs in a forked copy of this
+# multi-threaded actor, where taking any lock may deadlock.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit('the actor that started this role is gone'); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def role_argv(cmd: list[str]) -> list[str]:
+    """The command line of a role started by this process (the actor)."""
+    if sys.platform != "linux":  # no parent-death signal: a killed actor may leave its role running
+        return [sys.executable, *cmd]
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class RoleActor:
@@ -67,7 +89,8 @@ class RoleActor:
         if not (Path(run_dir) / "config.yaml").exists():
             raise RoleFailed(f"{self.name}: {run_dir}/config.yaml is not visible on node {self.node_ip()}; "
                              "put run.dir on storage shared by every node")
-        self.proc = subprocess.Popen([sys.executable, *cmd], env=os.environ | env, stdout=subprocess.PIPE,
+        self.tail.clear()  # a restart on this actor starts a new story
+        self.proc = subprocess.Popen(role_argv(cmd), env=os.environ | env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         for raw in self.proc.stdout:  # Ray forwards the actor's stdout to the driver
             line = raw.decode(errors="replace").rstrip("\n")
@@ -130,12 +153,26 @@ def _bundle(p: Placement) -> dict[str, float]:
     return {"CPU": p.cpus, "GPU": p.gpus} if p.gpus else {"CPU": p.cpus}
 
 
+@dataclass
+class RoleSpec:
+    """What it takes to (re)start one role, and its restart state."""
+
+    placement: Placement
+    strategy: PlacementGroupSchedulingStrategy
+    cmd: list[str]
+    env: dict[str, str]
+    restarts: int = 0
+    restart_at: float | None = None  # when a dead role is due to start again
+    actor_died: bool = False  # the actor went with it: the restart needs a new actor
+
+
 class RayRun:
     """The actors of one run and their supervision."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.actors: dict[str, object] = {}
+        self.specs: dict[str, RoleSpec] = {}
         self.groups: list = []
         self.pending: dict = {}  # ObjectRef of a run() call -> role name
 
@@ -150,9 +187,8 @@ class RayRun:
                                f"(see `ray status`; `python -m asyncrl.launch CONFIG --dry-run` shows the plan)"
                                ) from None
         for p in plan:
-            self.actors[p.name] = RemoteRole.options(
-                name=f"asyncrl-{p.name}-{os.getpid()}", num_cpus=p.cpus, num_gpus=p.gpus,
-                scheduling_strategy=strategies[p.name]).remote(p.name)
+            self.specs[p.name] = RoleSpec(p, strategies[p.name], [], {})
+            self._new_actor(p.name)
         rank0 = self.actors["learner0"]
         ip = ray.get(rank0.node_ip.remote())
         master_port = ray.get(rank0.free_port.remote())
@@ -167,14 +203,28 @@ class RayRun:
                 "PYTHONUNBUFFERED": "1", "ASYNCRL_LIVE_CONSOLE": "0"}
         address = f"tcp://{cfg.transport.host}:{cfg.transport.port}"
         for p in plan:
+            spec = self.specs[p.name]
             if p.role == "learner":  # with GPUs Ray sets CUDA_VISIBLE_DEVICES: the rank's GPU is device 0
-                cmd = ["-m", "asyncrl.learner.main", "--run-dir", str(run_dir)]
-                env = base | {"RANK": str(p.index), "LOCAL_RANK": "0" if p.gpus else str(p.index)}
+                spec.cmd = ["-m", "asyncrl.learner.main", "--run-dir", str(run_dir)]
+                spec.env = base | {"RANK": str(p.index), "LOCAL_RANK": "0" if p.gpus else str(p.index)}
             else:
-                cmd = ["-m", "asyncrl.generator.worker", "--run-dir", str(run_dir), "--worker-id", str(p.index),
-                       "--address", address]
-                env = base
-            self.pending[self.actors[p.name].run.remote(cmd, env, str(run_dir))] = p.name
+                spec.cmd = ["-m", "asyncrl.generator.worker", "--run-dir", str(run_dir), "--worker-id", str(p.index),
+                            "--address", address]
+                spec.env = base
+            self._run(p.name)
+
+    def _new_actor(self, name: str) -> None:
+        """An actor for the role in its placement-group bundle (a replacement takes the
+        bundle its dead predecessor held)."""
+        spec, p = self.specs[name], self.specs[name].placement
+        suffix = f"-r{spec.restarts}" if spec.restarts else ""  # names of dead actors may not be free yet
+        self.actors[name] = RemoteRole.options(
+            name=f"asyncrl-{name}-{os.getpid()}{suffix}", num_cpus=p.cpus, num_gpus=p.gpus,
+            scheduling_strategy=spec.strategy).remote(name)
+
+    def _run(self, name: str) -> None:
+        spec = self.specs[name]
+        self.pending[self.actors[name].run.remote(spec.cmd, spec.env, str(self.run_dir))] = name
 
     def supervise(self, grace_s: float = 60.0) -> int:
         stopping: list[float] = []
@@ -193,8 +243,8 @@ class RayRun:
             signal.signal(signal.SIGINT, on_signal)
             signal.signal(signal.SIGTERM, on_signal)
         learner_done = None
-        while self.pending:
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+        while self.pending or any(s.restart_at is not None for s in self.specs.values()):
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5) if self.pending else ([], [])
             for ref in ready:
                 name = self.pending.pop(ref)
                 try:
@@ -202,11 +252,18 @@ class RayRun:
                 except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                     if not self.actors:  # killed on purpose
                         return 1
+                    if self._may_restart(name, stopping):
+                        self._schedule_restart(name, e)
+                        continue
                     log.error("%s failed; stopping the run. %s", name, _cause(e))
+                    self._log_restarts_spent(name)
                     self.kill()
                     return 1
                 if name == "learner0":
                     learner_done = time.monotonic()
+            self._restart_due(stopping)
+            if not self.pending:  # only restarts left (due later): do not spin
+                time.sleep(0.2)
             if learner_done and time.monotonic() - learner_done > 30:
                 log.warning("roles still running 30s after the learner finished: %s", sorted(self.pending.values()))
                 self.kill()
@@ -219,6 +276,51 @@ class RayRun:
                 return 1
         return 0
 
+    # ------------------------------------------------------- generator restarts
+
+    def _learner_running(self) -> bool:
+        return "learner0" in self.pending.values()
+
+    def _may_restart(self, name: str, stopping: list) -> bool:
+        """As with the local backend: a generator, while the learner runs and no stop was
+        asked for, within generator.max_restarts."""
+        return (self.specs[name].placement.role == "generator" and self._learner_running() and not stopping
+                and self.specs[name].restarts < self.cfg.generator.max_restarts)
+
+    def _schedule_restart(self, name: str, e: Exception) -> None:
+        spec, g = self.specs[name], self.cfg.generator
+        spec.actor_died = isinstance(e, ray.exceptions.RayActorError)
+        delay = g.restart_backoff_s * 2**spec.restarts
+        spec.restart_at = time.monotonic() + delay
+        why = "its actor died" if spec.actor_died else _cause(e).splitlines()[0]
+        log.warning("%s died (%s); restarting it in %.1fs (restart %d of at most %d)", name, why, delay,
+                    spec.restarts + 1, g.max_restarts)
+
+    def _restart_due(self, stopping: list) -> None:
+        now = time.monotonic()
+        for name, spec in self.specs.items():
+            if spec.restart_at is None or now < spec.restart_at:
+                continue
+            spec.restart_at = None
+            if stopping or not self._learner_running():  # the run is ending: nobody needs it
+                log.info("%s not restarted: the run is ending", name)
+                continue
+            spec.restarts += 1
+            if spec.actor_died:
+                try:
+                    ray.kill(self.actors[name])  # gone already; drop Ray's handle for good
+                except Exception:  # noqa: BLE001 - nothing left to kill
+                    pass
+                self._new_actor(name)
+            self._run(name)
+            log.info("%s restarted (%s, restart %d of at most %d)", name,
+                     "new actor" if spec.actor_died else "same actor", spec.restarts, self.cfg.generator.max_restarts)
+
+    def _log_restarts_spent(self, name: str) -> None:
+        spec, max_restarts = self.specs[name], self.cfg.generator.max_restarts
+        if spec.placement.role == "generator" and max_restarts and spec.restarts >= max_restarts:
+            log.error("%s died %d times (generator.max_restarts=%d)", name, spec.restarts + 1, max_restarts)
+
     def kill(self) -> None:
         for a in self.actors.values():
             try:
@@ -227,7 +329,10 @@ class RayRun:
                 pass
         time.sleep(1.0)
         for a in self.actors.values():
-            ray.kill(a)
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - an actor already gone
+                pass
         self.actors = {}
 
     def close(self) -> None:
