@@ -10,7 +10,6 @@ cannot work. The same classes run on a real GPU in tests/gpu/test_cuda_ipc_weigh
 from __future__ import annotations
 
 import inspect
-import time
 
 import pytest
 import torch
