@@ -12,14 +12,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 fail() { echo "gpu_check.sh: FAILED at step: $*" >&2; exit 1; }
 
-python -c 'import torch, triton, numpy' 2>/dev/null || pip install torch triton numpy || fail "pip install torch triton numpy"
-python -c 'import pytest' 2>/dev/null || pip install pytest || fail "pip install pytest"
+python -c 'import torch, triton, numpy' 2>/dev/null || python -m pip install torch triton numpy || fail "pip install torch triton numpy"
+python -c 'import pytest' 2>/dev/null || python -m pip install pytest || fail "pip install pytest"
 python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "torch sees no CUDA device")' \
   || fail "CUDA check (is this a GPU machine with a CUDA build of torch?)"
 python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 # the weight-sync tests and step 3 need the wire stack; wheels in .whl/ (git-ignored) serve a machine without network
 if ! python -c 'import msgspec, zmq' 2>/dev/null; then
-  { [ -d .whl ] && pip install --no-index --find-links .whl msgspec pyzmq; } || pip install msgspec pyzmq \
+  { [ -d .whl ] && python -m pip install --no-index --find-links .whl msgspec pyzmq; } || python -m pip install msgspec pyzmq \
     || fail "pip install msgspec pyzmq"
 fi
 

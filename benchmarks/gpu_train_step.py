@@ -52,7 +52,7 @@ def main() -> None:
     from asyncrl.kernels import IGNORE_INDEX
     from asyncrl.learner.batch import Batch
     from asyncrl.learner.main import build_policy
-    from asyncrl.learner.train import train_on_batch
+    from asyncrl.learner.train import old_policy_pass, train_on_batch
 
     model_dir = make_model_dir(tempfile.mkdtemp(), a.layers)
     S, L, P = a.seqs, a.length, a.prompt
@@ -72,6 +72,10 @@ def main() -> None:
                                          "generator.samples_per_prompt=1"])
         policy, opt = build_policy(cfg)
         all_gather = dist_all_gather()
+        # on-policy samples: the behaviour log-probs are the policy's own (zeros would make
+        # every importance weight pi_old / pi_behaviour ~ 1/V, and the loss ~ 0)
+        old, _, _ = old_policy_pass(policy, batch.to(torch.device("cuda" if cuda else "cpu")), [slice(0, S)], cfg, None)
+        batch.behaviour_logprobs = old.cpu()
         train_on_batch(policy, opt, build_algorithm(cfg.algo), batch, cfg, all_gather)  # warm-up
         sync()
         if cuda:
