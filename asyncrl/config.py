@@ -167,6 +167,9 @@ class GeneratorConfig(_Section):
     resampled from scratch with the new weights, so every sample comes from one
     version, at the cost of the work done so far (sglang: no effect, its requests
     always run to completion)."""
+    max_resamples: int = 2
+    """restart: times one batch may be resampled; later updates reach it as with
+    continue (a slow generator among fast ones would otherwise restart on every update)."""
     vllm: VLLMOptions = msgspec.field(default_factory=VLLMOptions)
     sglang: SGLangOptions = msgspec.field(default_factory=SGLangOptions)
 
@@ -179,6 +182,8 @@ class GeneratorConfig(_Section):
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("generator.num_workers must be >= 1")
+        if self.max_resamples < 0:
+            raise ValueError("generator.max_resamples must be >= 0")
         if self.max_restarts < 0 or self.restart_backoff_s < 0:
             raise ValueError("generator.max_restarts and generator.restart_backoff_s must be >= 0")
         if self.samples_per_prompt < 1:

@@ -67,7 +67,8 @@ def run(k: int, seed: int, steps: int, threads: int, borrow: int, extra: list[st
         "learner_idle_frac": learner_idle / span, "generator_busy_frac": gen_busy / span,
         "final_accuracy": rows[-1]["eval/accuracy"], "initial_accuracy": rows[0]["eval/accuracy"],
         "lag_mean": statistics.mean(r["async/lag_mean"] for r in train),
-        "borrowed_frac": statistics.mean(r["perf/borrowed_frac"] for r in train[1:]) if borrow else 0.0,
+        "borrowed_frac": statistics.mean(r["perf/borrowed_frac"] for r in train[1:]) if cfg.learner.borrow_threads
+        else 0.0,  # from the resolved config: an override may have turned lending off
         "dropped": train[-1]["async/dropped_total"],
         "timeline": {"learner": [(r["time/step_start"], r["time/train_start"], r["time/train_end"]) for r in train],
                      "generator": [(s["start"], s["end"], s["purpose"]) for s in gen_spans]},

@@ -55,7 +55,9 @@ class RoleFailed(RuntimeError):
 # Runs first in the role's process: ask for SIGKILL when the actor that started it dies
 # (prctl PR_SET_PDEATHSIG = 1; it survives the exec), exit if that already happened,
 # then exec the role. Not a preexec_fn: that runs in a forked copy of this
-# multi-threaded actor, where taking any lock may deadlock.
+# multi-threaded actor, where taking any lock may deadlock. The signal fires when the
+# *thread* that started the process exits: that is the Ray thread blocked in run() for
+# the role's whole life, so in effect the actor's life.
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
                     "os.getppid() == int(sys.argv[1]) or sys.exit('the actor that started this role is gone'); "
                     "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
@@ -215,7 +217,9 @@ class RayRun:
 
     def _new_actor(self, name: str) -> None:
         """An actor for the role in its placement-group bundle (a replacement takes the
-        bundle its dead predecessor held)."""
+        bundle its dead predecessor held). If the bundle cannot be placed again (its node
+        is gone), the replacement never starts; the learner then stops for lack of
+        trajectories after transport.timeout_s, which fails the run."""
         spec, p = self.specs[name], self.specs[name].placement
         suffix = f"-r{spec.restarts}" if spec.restarts else ""  # names of dead actors may not be free yet
         self.actors[name] = RemoteRole.options(

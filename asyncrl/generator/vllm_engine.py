@@ -110,7 +110,7 @@ class VLLMEngine:
                     vers[rid] += [version] * len(c.token_ids)
                     if out.finished:
                         finish[rid] = "length" if c.finish_reason == "length" else "stop"
-                if between_steps is not None:
+                if between_steps is not None and engine.has_unfinished_requests():  # a finished batch stays
                     between_steps()
         except GenerationInterrupted:  # the worker resubmits the batch: free its requests first
             engine.abort_request([r for r in rids if r not in finish])

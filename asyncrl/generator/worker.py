@@ -11,6 +11,7 @@ has waits for those weights.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -138,6 +139,7 @@ class Worker:
         self.busy_s = 0.0  # cumulative generation time, reported with every group
         self.weights: WeightReceiver = ZmqWeights()  # transport.weights (main sets it)
         self.restart_on_update = False  # generator.on_weight_update == "restart" (main sets it)
+        self.max_resamples = 2  # generator.max_resamples (main sets it)
         self.resampled = 0  # batches abandoned for new weights and sampled again
 
     def handle(self, msg, frames) -> None:
@@ -164,16 +166,18 @@ class Worker:
     def generate(self, msg: Prompts) -> list[tuple[TrajectoryGroup, list]]:
         """One engine batch. With ``restart_on_update`` (generator.on_weight_update:
         restart) new weights arriving mid-batch abandon it, and it is sampled again from
-        scratch with them: as if it had started after the update (same seed rule)."""
-        while True:
+        scratch with them: as if it had started after the update (same seed rule), at
+        most ``max_resamples`` times; later updates are applied mid-batch."""
+        for attempt in itertools.count():
             version, t0 = self.engine.version, time.time()
+            restart = self.restart_on_update and attempt < self.max_resamples
             reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream
             if reseed is not None:
                 reseed(batch_seed(self.seed, msg.groups[0].group_id, version))
 
-            def between_steps() -> None:
+            def between_steps(restart: bool = restart, version: int = version) -> None:
                 self.poll()
-                if self.restart_on_update and self.engine.version != version:
+                if restart and self.engine.version != version:
                     raise GenerationInterrupted
 
             try:
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
         worker.restart_on_update = cfg.generator.on_weight_update == "restart"
+        worker.max_resamples = cfg.generator.max_resamples
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:

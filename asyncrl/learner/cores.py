@@ -10,10 +10,13 @@ longer than one micro-batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CoreLender:
@@ -42,4 +45,9 @@ class CoreLender:
         self._since = now if n > self.own else None
         if n != self.current:
             torch.set_num_threads(n)
+            if torch.get_num_threads() != n:  # some builds fix the pool once parallel work has run
+                log.warning("torch kept %d threads when asked for %d: learner.borrow_threads has no effect with this "
+                            "build; lending is off", torch.get_num_threads(), n)
+                self.extra, self._since = 0, None
+                n = torch.get_num_threads()
             self.current = n

@@ -168,6 +168,9 @@ class RolloutHub:
             self.rejected_groups += 1
             log.warning("rejected trajectory group %d from worker %d: %s (%d so far)", msg.group_id, msg.worker_id,
                         problem, self.rejected_groups)
+            if msg.purpose == "train" and msg.group_id in self.outstanding:  # a bad answer to a real request:
+                self.outstanding.remove(msg.group_id)  # not waited for again; top_up asks for a fresh problem
+                self.assigned.pop(msg.group_id, None)
             return True
         self.assigned.pop(msg.group_id, None)
         if msg.purpose == "train":
@@ -265,7 +268,7 @@ class RolloutHub:
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         self.version = version
-        self.weights = self.weight_sender.notice(named, version)
+        self.weights = self.weight_sender.notice(named, version, idle=lambda: self._receive(timeout_s=0))
         for w in self.workers:
             self._send_to(w, *self.weights)
         self.weight_sender.after_notice(named)  # nccl: the broadcast the notice announced

@@ -6,9 +6,11 @@ learner rank 0 keeps one flat buffer per dtype in its GPU memory (a *slot*), sha
 each buffer once as a CUDA IPC handle and, per version, copies the new weights into a
 slot. The ``WeightUpdate`` notice carries the handle fields (msgpack: nothing is
 pickled) and the layout follows from the notice's tensor list (``codec.ipc_layout``).
-A generator maps the buffers (once per slot), its engine copies from them into its
-parameters (GPU to GPU, no host round trip) and it acknowledges the version over a
-socket of its own, on loopback: the transport needs one node anyway.
+A generator maps the notice's buffers (again whenever the learner switches slots), its
+engine copies from them into its parameters on the GPU and it acknowledges the version
+over a socket of its own, on loopback: the transport needs one node anyway. (The
+learner's side still gathers the full state dict through host memory, FSDP2's
+cpu_offload; filling the slot from the device-resident parameters is left for later.)
 
 Ordering: the learner synchronises its device after filling a slot and before the
 notice goes out, so the copy is complete when a generator reads; a generator
@@ -148,10 +150,10 @@ class CudaIpcWeightSender:
         # loopback: cuda_ipc needs learner and generators on one node, and nothing else may ack
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
 
-    def notice(self, named: Named, version: int) -> tuple[WeightUpdate, list]:
+    def notice(self, named: Named, version: int, idle: Callable[[], None] = lambda: None) -> tuple[WeightUpdate, list]:
         metas = [TensorMeta(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
         places, sizes = ipc_layout(metas)
-        slot = self._free_slot(sizes, version)
+        slot = self._free_slot(sizes, version, idle)
         with torch.no_grad():
             slot.stamp.fill_(-1)  # stream order: marked before any byte changes
             for (_, t), (dtype, start, numel) in zip(named, places):
@@ -169,11 +171,14 @@ class CudaIpcWeightSender:
     def _released(self, slot: Slot) -> bool:
         return all(v >= slot.version for v in self.acked)
 
-    def _free_slot(self, sizes: dict[str, int], version: int) -> Slot:
+    def _free_slot(self, sizes: dict[str, int], version: int, idle: Callable[[], None]) -> Slot:
         """A slot no generator still reads (reused, or a new one while under max_slots);
-        waits for acknowledgements when every slot is in use."""
+        waits for acknowledgements when every slot is in use, calling ``idle`` meanwhile:
+        a dead generator's last acknowledgement is stale, and only its restarted process,
+        once the hub answered its Hello with the newest notice, acknowledges again."""
         deadline = time.monotonic() + self.timeout_s
         while True:
+            idle()
             self._drain_acks(timeout_s=0)
             # a free slot of other sizes (the weights changed shape) is dropped: its memory is needed
             self.slots = [s for s in self.slots if s.sizes == sizes or not self._released(s)]
@@ -191,7 +196,7 @@ class CudaIpcWeightSender:
                     f"{self.timeout_s:.0f}s (transport.timeout_s) and all {self.max_slots} shared weight buffers are "
                     f"still being read, so weights v{version} cannot be published; a generator may be stuck or dead: "
                     "see its log in the run directory")
-            self._drain_acks(timeout_s=min(left, 1.0))
+            self._drain_acks(timeout_s=min(left, 0.1))  # short: idle() runs between waits
 
     def _new_slot(self, sizes: dict[str, int]) -> Slot:
         flats = {d: torch.empty(n, dtype=_TORCH_DTYPES[d], device=self.device) for d, n in sizes.items()}

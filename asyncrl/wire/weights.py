@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -45,8 +46,10 @@ Named = list[tuple[str, torch.Tensor]]
 
 
 class WeightSender(Protocol):
-    def notice(self, named: Named, version: int) -> tuple[WeightUpdate, list]:
-        """The message (and raw frames) every generator receives for this version."""
+    def notice(self, named: Named, version: int, idle: Callable[[], None] = lambda: None) -> tuple[WeightUpdate, list]:
+        """The message (and raw frames) every generator receives for this version.
+        ``idle`` runs while the sender waits (cuda_ipc: for acknowledgements), so the
+        hub keeps serving generators meanwhile (a restarted one's Hello among them)."""
         ...
 
     def after_notice(self, named: Named) -> None:
@@ -88,7 +91,7 @@ def _check_against(msg: WeightUpdate, named: Named) -> Named:
 class ZmqWeights:
     """Tensors as raw frames of the notice (sender and receiver in one)."""
 
-    def notice(self, named: Named, version: int) -> tuple[WeightUpdate, list]:
+    def notice(self, named: Named, version: int, idle: Callable[[], None] = lambda: None) -> tuple[WeightUpdate, list]:
         return weight_frames(named, version)
 
     def after_notice(self, named: Named) -> None:
@@ -134,7 +137,7 @@ class DiskWeightSender:
         self.dir, self.keep = Path(directory), keep
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def notice(self, named: Named, version: int) -> tuple[WeightUpdate, list]:
+    def notice(self, named: Named, version: int, idle: Callable[[], None] = lambda: None) -> tuple[WeightUpdate, list]:
         from safetensors.torch import save
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in named}
@@ -236,7 +239,7 @@ class BroadcastWeightSender:
         self.args = (host, port, 0, 1 + num_generators, backend, timeout_s)
         self.group: BroadcastGroup | None = None
 
-    def notice(self, named: Named, version: int) -> tuple[WeightUpdate, list]:
+    def notice(self, named: Named, version: int, idle: Callable[[], None] = lambda: None) -> tuple[WeightUpdate, list]:
         return WeightUpdate(version=version, tensors=_metas(named), transport="nccl"), []
 
     def after_notice(self, named: Named) -> None:

@@ -61,3 +61,12 @@ def test_borrowing_needs_one_local_learner_rank(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config("quickstart", overrides)
     assert key in str(e.value) and "borrow_threads" in str(e.value)
+
+
+def test_lending_turns_itself_off_where_torch_keeps_its_pool(restore_threads, monkeypatch, caplog):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # a build whose pool is fixed once used
+    lend = CoreLender(own=1, extra=1, generators_busy=lambda: False)
+    lend()
+    assert "lending is off" in caplog.text
+    assert lend.release(train_s=1.0)["perf/borrowed_frac"] == 0.0  # never reported as borrowed

@@ -350,3 +350,26 @@ def test_generator_gpu_follows_the_backend():
     ray = load_config("quickstart", ["cluster.backend=ray", "cluster.gpus_per_node=4", "cluster.learner_gpus=1",
                                      "cluster.generator_gpus=1"])
     assert generator_gpu(ray, 1) == 0  # Ray's CUDA_VISIBLE_DEVICES: the bundle's GPU is device 0
+
+
+def test_a_restarted_generator_frees_the_buffers_while_the_learner_waits(ipc):
+    """A generator died before acknowledging: every slot stays held by its stale ack. The
+    learner's wait keeps the hub serving (``idle``); when the hub answers the restarted
+    generator's Hello with the newest notice, its acknowledgement frees the slots."""
+    fake, make = ipc
+    sender, (dead, alive) = make(num_generators=2, max_slots=2, timeout_s=20)
+    v1 = publish(sender, 1)
+    read(alive, v1)  # generator 0 dies holding v1, never acknowledging
+    v2 = publish(sender, 2)
+    read(alive, v2)
+    calls = []
+
+    def idle():  # the hub's _receive: on the 3rd call the restarted generator's Hello arrives
+        calls.append(1)
+        if len(calls) == 3:
+            read(dead, v2)  # the hub re-sent the newest notice; the new process loads and acks it
+
+    msg, _ = sender.notice(weights(3), 3, idle=idle)
+    assert len(calls) >= 3 and msg.version == 3
+    v3 = over_the_wire(msg)
+    assert_same(read(alive, v3), weights(3))

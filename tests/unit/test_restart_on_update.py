@@ -72,3 +72,25 @@ def test_continue_switches_version_mid_sample(tiny_model_dir):
     assert worker.resampled == 0
     spanning = [v for ids, v in got if len(ids) > 4]
     assert spanning and all(v == [7] * 4 + [8] * (len(v) - 4) for v in spanning)
+
+
+def test_resamples_are_bounded_then_updates_apply_mid_batch(tiny_model_dir):
+    """generator.max_resamples=1: the first update restarts the batch, the second one
+    (during the resampled attempt) is applied between decode steps instead."""
+    first, second = _new_weights(tiny_model_dir), _new_weights(tiny_model_dir)
+    worker = _worker(tiny_model_dir, version=7)
+    worker.restart_on_update, worker.max_resamples = True, 1
+    calls = []
+
+    def poll():
+        calls.append(1)
+        if len(calls) == 3:  # attempt 1, before decode step 3: v8 -> restart
+            worker.engine.load_weights(list(first.items()), version=8)
+        elif len(calls) == 3 + 5:  # attempt 2, before decode step 5: v9 -> applied mid-batch
+            worker.engine.load_weights(list(second.items()), version=9)
+
+    worker.poll = poll
+    got = _samples(worker.generate(MSG))
+    assert worker.resampled == 1
+    spanning = [v for ids, v in got if len(ids) > 5]
+    assert spanning and all(v == [8] * 5 + [9] * (len(v) - 5) for v in spanning)

@@ -204,13 +204,15 @@ def test_hub_drops_a_malformed_trajectory_and_keeps_collecting(link):
 
 def test_hub_rejects_unrequested_duplicate_and_out_of_range_groups(link):
     """Content checks: only outstanding group ids, token ids inside the vocabulary and
-    versions no newer than the learner's are accepted; each group id at most once."""
+    versions no newer than the learner's are accepted; each group id at most once. A
+    requested group answered with bad content is not waited for again (admission
+    control replaces it), so it cannot hold a credit for the rest of the run."""
     from asyncrl.config import Config
     from asyncrl.learner.hub import RolloutHub
 
     learner, gen = link
     hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None, vocab_size=1000)
-    hub.outstanding.update({0, 1})
+    hub.outstanding.update({0, 1, 2, 3})
     lengths = [2, 3]
     good = trajectory_frames(valid_samples(lengths))
 
@@ -221,19 +223,20 @@ def test_hub_rejects_unrequested_duplicate_and_out_of_range_groups(link):
     gen.send(header(7), good)  # never requested
     big = valid_samples(lengths)
     big[0].token_ids[0] = 5000
-    gen.send(header(0), trajectory_frames(big))  # token outside the vocabulary
+    gen.send(header(2), trajectory_frames(big))  # token outside the vocabulary
     future = valid_samples(lengths)
     future[1].versions[:] = 3
-    gen.send(header(0), trajectory_frames(future))  # newer than the learner's version 0
+    gen.send(header(3), trajectory_frames(future))  # newer than the learner's version 0
     gen.send(header(0), good)
     gen.send(header(0), good)  # duplicate
+    gen.send(header(2), good)  # a bad answer's id is no longer outstanding
     gen.send(header(1), good)
     assert hub._wait_for(hub.buffer, 2)
     assert [g.msg.group_id for g in hub.buffer] == [0, 1]
     deadline = time.monotonic() + 5
-    while hub.rejected_groups < 4 and time.monotonic() < deadline:
+    while hub.rejected_groups < 5 and time.monotonic() < deadline:
         hub._receive(timeout_s=0.2)
-    assert hub.rejected_groups == 4 and hub.in_flight == 0
+    assert hub.rejected_groups == 5 and hub.in_flight == 0
 
 
 def test_hub_sees_generators_idle_once_their_groups_arrived(link):

@@ -162,6 +162,10 @@ def test_interrupted_batch_is_released(vllm_engine, hf_model):
     with pytest.raises(GenerationInterrupted):
         vllm_engine.generate(PROMPTS, params, between_steps=between_steps)
     assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
-    outs = vllm_engine.generate(PROMPTS, params)
+
+    def only_while_running():  # never after the last request finished: restart would resample a finished batch
+        assert vllm_engine.llm.llm_engine.has_unfinished_requests()
+
+    outs = vllm_engine.generate(PROMPTS, params, between_steps=only_while_running)
     assert [len(o) for o in outs] == [2, 2, 2]
     assert max_error(hf_model, PROMPTS, outs, 1.0) < TOL
