@@ -17,6 +17,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a dict ({} once the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def wait_for_step_one(run, pid_file: Path, timeout_s: float) -> None:
+    """Block until the launched run (tests/integration/test_launch.py's ``launch``) has
+    trained step 1 and its generator wrote its pid; fail with its output otherwise."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not (pid_file.exists() and any(r.get("step") == 1 and "loss/total" in r for r in run.metrics())):
+        if run.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no step 1 (launch code {run.proc.returncode}):\n{run.output()[-3000:]}")
+        time.sleep(0.1)
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child Pythons: this checkout first on the path, one thread."""
     env = dict(os.environ)

@@ -10,11 +10,9 @@ import json
 import os
 import re
 import signal
-import time
-
-import pytest
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
+from testkit import wait_for_step_one
 
 STEPS, PROMPTS = 4, 4
 
@@ -24,12 +22,8 @@ def test_generator_killed_mid_generation_is_restarted(launch, tiny_model_dir):
                                   "task.eval_size=4", "generator.restart_backoff_s=0.5",
                                   "debug.generator_batch_delay_s=1.0"])
     pid_file = run.run_dir / "logs" / "generator0.pid"
-    deadline = time.monotonic() + 240
     # after step 1 the learner asks for step 2's groups; the generator waits 1s, then generates
-    while not (pid_file.exists() and any(r.get("step") == 1 and "loss/total" in r for r in run.metrics())):
-        if run.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no step 1 (launch code {run.proc.returncode}):\n{run.output()[-3000:]}")
-        time.sleep(0.1)
+    wait_for_step_one(run, pid_file, timeout_s=240)
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGKILL)
     code = run.wait(240)

@@ -13,24 +13,16 @@ import json
 import os
 import re
 import signal
-import time
 
 import pytest
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
+from testkit import proc_status, wait_for_step_one
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # one Ray launch: about a minute on 2 shared cores
 
 STEPS, PROMPTS = 4, 4
-
-
-def _status(pid: int) -> dict[str, str]:
-    try:
-        lines = open(f"/proc/{pid}/status").read().splitlines()
-    except FileNotFoundError:
-        return {}
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
 def _cmdline(pid: int) -> str:
@@ -45,14 +37,10 @@ def test_ray_restarts_a_generator_whose_actor_was_killed(launch, tiny_model_dir)
                                   f"learner.prompts_per_step={PROMPTS}", "task.eval_size=4",
                                   "generator.restart_backoff_s=0.5", "debug.generator_batch_delay_s=1.0"])
     pid_file = run.run_dir / "logs" / "generator0.pid"
-    deadline = time.monotonic() + 300
     # after step 1 the learner asks for step 2's groups; the generator waits 1s, then generates
-    while not (pid_file.exists() and any(r.get("step") == 1 and "loss/total" in r for r in run.metrics())):
-        if run.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no step 1 (launch code {run.proc.returncode}):\n{run.output()[-3000:]}")
-        time.sleep(0.1)
+    wait_for_step_one(run, pid_file, timeout_s=300)
     pid = int(pid_file.read_text())
-    actor = int(_status(pid)["PPid"])
+    actor = int(proc_status(pid)["PPid"])
     assert actor not in (1, os.getpid(), run.proc.pid) and "ray" in _cmdline(actor), (
         f"generator0 (pid {pid}) is not the child of a Ray worker: parent {actor} runs {_cmdline(actor)!r}")
     os.kill(actor, signal.SIGKILL)
@@ -65,7 +53,7 @@ def test_ray_restarts_a_generator_whose_actor_was_killed(launch, tiny_model_dir)
     learner_log = (run.run_dir / "logs" / "learner0.log").read_text()
     assert re.search(r"re-issued its [1-9]\d* outstanding group", learner_log), learner_log[-3000:]  # mid-generation
     assert int(pid_file.read_text()) != pid  # the new generator process wrote its own
-    state = _status(pid)["State"] if _status(pid) else "gone"
+    state = proc_status(pid)["State"] if proc_status(pid) else "gone"
     assert state[:1] in ("Z", "g"), f"generator {pid} outlived its actor: {state}"  # zombie or reaped
 
     rows = [json.loads(line) for line in (run.run_dir / "trained_groups.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray")
 
 import asyncrl.cluster.ray_backend as rb  # noqa: E402
 from asyncrl.config import load_config  # noqa: E402
+from testkit import proc_status  # noqa: E402
 
 
 SLEEP = time.sleep  # the real one (supervise's sleeps are stubbed)
@@ -220,21 +221,13 @@ def test_a_roles_process_dies_with_the_process_that_started_it(tmp_path):
             proc.wait()
 
 
-def _status(pid: int) -> dict[str, str]:
-    try:
-        lines = open(f"/proc/{pid}/status").read().splitlines()
-    except FileNotFoundError:
-        return {}
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
 def _state(pid: int) -> str:
-    status = _status(pid)
+    status = proc_status(pid)
     return status["State"][:1] if status else "gone"
 
 
 def _ppid(pid: int) -> int:
-    return int(_status(pid)["PPid"])
+    return int(proc_status(pid)["PPid"])
 
 
 def _cmdline(pid: int) -> str:
