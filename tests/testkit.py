@@ -40,6 +40,19 @@ def wait_for_step_one(run, pid_file: Path, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def assert_every_group_trained_once(run, steps: int, prompts: int) -> None:
+    """The run's audit trail (trained_groups.jsonl): every step trained, the group ids
+    exactly 0..steps*prompts-1 (no duplicates, no gaps), and a generator restart counted."""
+    import json
+
+    rows = [json.loads(line) for line in (run.run_dir / "trained_groups.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    trained = [g for r in rows for g in r["group_ids"]]
+    assert sorted(trained) == list(range(steps * prompts)), trained
+    train = [r for r in run.metrics() if "loss/total" in r]
+    assert train[-1]["reliability/generator_restarts"] >= 1
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child Pythons: this checkout first on the path, one thread."""
     env = dict(os.environ)

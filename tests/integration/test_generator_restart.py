@@ -6,13 +6,12 @@ metrics (``reliability/generator_restarts``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
-from testkit import wait_for_step_one
+from testkit import assert_every_group_trained_once, wait_for_step_one
 
 STEPS, PROMPTS = 4, 4
 
@@ -33,9 +32,4 @@ def test_generator_killed_mid_generation_is_restarted(launch, tiny_model_dir):
     assert re.search(r"re-issued its [1-9]\d* outstanding group", out), out[-3000:]  # it was mid-generation
     assert int(pid_file.read_text()) != pid  # the restarted process wrote its own
 
-    rows = [json.loads(line) for line in (run.run_dir / "trained_groups.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    trained = [g for r in rows for g in r["group_ids"]]
-    assert sorted(trained) == list(range(STEPS * PROMPTS)), trained  # no duplicates, no gaps
-    train = [r for r in run.metrics() if "loss/total" in r]
-    assert train[-1]["reliability/generator_restarts"] >= 1
+    assert_every_group_trained_once(run, STEPS, PROMPTS)

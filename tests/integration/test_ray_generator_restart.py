@@ -9,7 +9,6 @@ orphan left talking to the learner). Bookkeeping details: tests/unit/test_ray_re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ import signal
 import pytest
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
-from testkit import proc_status, wait_for_step_one
+from testkit import assert_every_group_trained_once, proc_status, wait_for_step_one
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # one Ray launch: about a minute on 2 shared cores
@@ -56,9 +55,4 @@ def test_ray_restarts_a_generator_whose_actor_was_killed(launch, tiny_model_dir)
     state = proc_status(pid)["State"] if proc_status(pid) else "gone"
     assert state[:1] in ("Z", "g"), f"generator {pid} outlived its actor: {state}"  # zombie or reaped
 
-    rows = [json.loads(line) for line in (run.run_dir / "trained_groups.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    trained = [g for r in rows for g in r["group_ids"]]
-    assert sorted(trained) == list(range(STEPS * PROMPTS)), trained  # no duplicates, no gaps
-    train = [r for r in run.metrics() if "loss/total" in r]
-    assert train[-1]["reliability/generator_restarts"] >= 1
+    assert_every_group_trained_once(run, STEPS, PROMPTS)
