@@ -543,6 +543,19 @@ def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         raise ConfigError(_explain(err, tree)) from None
 
 
+def advisories(cfg: Config) -> list[str]:
+    """Settings that are valid but measured to go wrong (launch logs them as warnings)."""
+    out = []
+    lc, algo = cfg.learner, cfg.algo
+    if algo.__struct_config__.tag == "lpreg" and lc.ppo_mini_batches > 1 and lc.lr > 1e-5:
+        out.append(
+            f"algo.type=lpreg with learner.ppo_mini_batches={lc.ppo_mini_batches} at learner.lr={lc.lr:g}: on the "
+            f"quickstart task this collapsed accuracy at lr 1e-4 (the clip range [{1 - algo.clip_low:g}, "
+            f"{1 + algo.clip_high:g}] alone does it, and beta={algo.beta:g} does with a tight clip) and was fine at "
+            "1e-5; the paper's settings assume lr 1e-6 (README, Algorithm comparison)")
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
 

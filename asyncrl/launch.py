@@ -30,7 +30,7 @@ from pathlib import Path
 
 import msgspec
 
-from asyncrl.config import Config, ConfigError, load_config, to_yaml
+from asyncrl.config import Config, ConfigError, advisories, load_config, to_yaml
 
 log = logging.getLogger("asyncrl.launch")
 
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("run directory %s: %d learner rank(s), %d generator(s), algo %s",
              run_dir, cfg.learner.world_size, cfg.generator.num_workers, cfg.algo.__struct_config__.tag)
+    for advice in advisories(cfg):
+        log.warning("%s", advice)
     if cfg.cluster.backend == "ray":  # Ray actors in placement groups: asyncrl.cluster.ray_backend
         from asyncrl.cluster.ray_backend import launch as ray_launch
 

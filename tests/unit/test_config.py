@@ -200,3 +200,16 @@ def test_launch_config_error_exits_2_before_starting(tmp_path):
     assert out.returncode == 2
     assert "learner.stepz" in out.stderr and "did you mean learner.steps" in out.stderr
     assert not (tmp_path / "run").exists()  # nothing written, nothing started
+
+
+def test_lpreg_off_policy_at_a_large_lr_is_flagged():
+    from asyncrl.config import advisories
+
+    risky = load_config("quickstart", ["algo.type=lpreg", "learner.ppo_mini_batches=8", "learner.prompts_per_step=16"])
+    (advice,) = advisories(risky)
+    assert "learner.lr=0.0001" in advice and "[0, 10]" in advice and "beta=1" in advice
+    assert advisories(load_config("quickstart", ["algo.type=lpreg"])) == []  # on-policy
+    assert advisories(load_config("quickstart", ["algo.type=grpo", "learner.ppo_mini_batches=8",
+                                                 "learner.prompts_per_step=16"])) == []
+    for recipe in ("recipes/qwen3_14b_lpreg_offpolicy", "recipes/qwen25_32b_lpreg_offpolicy"):
+        assert advisories(load_config(recipe)) == []  # the paper's lr 1e-6
