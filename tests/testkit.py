@@ -17,6 +17,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_spawned(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` spawned processes (torch.multiprocessing): a
+    child's exception re-raises here with its traceback, a run past ``timeout_s`` fails
+    the test naming ``what`` and the ranks still running, and none is left behind."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+                pytest.fail(f"{what}: ranks {alive} still running after {timeout_s:.0f}s")
+    finally:
+        for p in ctx.processes:  # only the processes started above
+            if p.is_alive():
+                p.terminate()
+
+
 def proc_status(pid: int) -> dict[str, str]:
     """/proc/<pid>/status as a dict ({} once the process is gone)."""
     try:

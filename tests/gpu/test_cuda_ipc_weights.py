@@ -21,14 +21,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from testkit import REPO, free_port, subprocess_env
+from testkit import REPO, free_port, run_spawned, subprocess_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -119,19 +117,8 @@ def _role(rank: int, port: int, model_dir: str, out: str) -> None:
 
 def test_learner_and_hf_engine_share_one_gpu(tmp_path, tiny_model_dir):
     out = str(tmp_path / "report.pt")
-    ctx = mp.start_processes(_role, args=(free_port(), str(tiny_model_dir), out), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 3 * WAIT_S
-    try:
-        while not ctx.join(timeout=1):  # raises with the child's traceback if one fails
-            if time.monotonic() > deadline:
-                alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
-                pytest.fail(f"cuda_ipc processes (0 = learner, 1 = generator) {alive} still running after "
-                            f"{3 * WAIT_S:.0f}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_spawned(_role, (free_port(), str(tiny_model_dir), out), 2, 3 * WAIT_S,
+                "cuda_ipc processes (0 = learner, 1 = generator)")
     report = torch.load(out)
     assert report["versions"] == [1, 2] and set(report["devices"]) == {"cuda:0"}
     assert report["handles"][0] == report["handles"][1], "v2 was not written into v1's shared buffers"

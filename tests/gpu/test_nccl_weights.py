@@ -11,22 +11,14 @@ sender/receiver code runs over gloo on CPU in tests/integration/test_weight_tran
 
 from __future__ import annotations
 
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from asyncrl.wire.weights import BroadcastGroup, BroadcastWeightReceiver, BroadcastWeightSender
+from testkit import free_port, run_spawned
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights(version: int) -> list[tuple[str, torch.Tensor]]:
@@ -84,16 +76,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="learner -> generator broadcast needs 2 GPUs (one rank each)")
 def test_nccl_broadcast_learner_to_generator(tmp_path):
     out = str(tmp_path / "got.pt")
-    ctx = mp.start_processes(_rank, args=(free_port(), out), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("NCCL broadcast did not finish within 180s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_spawned(_rank, (free_port(), out), 2, 180, "NCCL broadcast")
     for v, named in zip((1, 2), torch.load(out)):
         for (k, t), (k2, want) in zip(named, weights(v), strict=True):
             assert k == k2 and t.dtype == want.dtype and torch.equal(t, want), k

@@ -13,16 +13,14 @@ group is process-global state), one run of several cases per world size.
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import msgspec
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from testkit import free_port, make_tiny_model
+from testkit import free_port, make_tiny_model, run_spawned
 
 ATOL = 1e-5
 SAMPLES_PER_PROMPT = 4
@@ -115,17 +113,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
 
 
 def run_world(model_dir, world: int, out: str, timeout_s: float = 240.0):
-    ctx = mp.start_processes(worker, args=(world, free_port(), str(model_dir), out), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world}-rank learner processes did not finish within {timeout_s:.0f}s")
-    finally:
-        for p in ctx.processes:  # only the processes started above
-            if p.is_alive():
-                p.terminate()
+    run_spawned(worker, (world, free_port(), str(model_dir), out), world, timeout_s, f"{world}-rank learner processes")
     return torch.load(out)
 
 

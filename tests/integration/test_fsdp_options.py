@@ -7,15 +7,13 @@ Hugging Face names (checkpoints and weight updates depend on that)."""
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_fsdp_equivalence import ATOL, make_batch
 
-from testkit import free_port, make_tiny_model
+from testkit import free_port, make_tiny_model, run_spawned
 
 pytestmark = pytest.mark.slow  # 3 spawned learner worlds: ~2 min on 2 shared cores
 MODES = {"plain": (1, "shard", 0, False), "checkpointing": (2, "shard", 0, True), "hybrid": (2, "hybrid", 1, True)}
@@ -60,17 +58,7 @@ def worker(rank: int, mode: str, port: int, model_dir: str, out: str) -> None:
 
 
 def run(mode: str, model_dir, out: str):
-    ctx = mp.start_processes(worker, args=(mode, free_port(), str(model_dir), out), nprocs=MODES[mode][0],
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{mode} learner processes did not finish within 240s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_spawned(worker, (mode, free_port(), str(model_dir), out), MODES[mode][0], 240, f"{mode} learner processes")
     return torch.load(out)
 
 

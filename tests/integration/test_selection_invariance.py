@@ -8,15 +8,12 @@ processes that write their results to a file.
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import msgspec
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from asyncrl.algos import build_algorithm, compute_advantages
 from asyncrl.algos.collective import dist_all_gather
@@ -24,6 +21,7 @@ from asyncrl.algos.config import AlgoConfig
 from asyncrl.algos.lpreg import minp_proxy_logprobs
 from asyncrl.algos.minibatch import MiniBatch, run_minibatch
 from asyncrl.algos.selection import local_all_gather
+from testkit import free_port, run_spawned
 
 B, T, H, V = 8, 12, 6, 11
 TEMPERATURE = 0.8
@@ -105,25 +103,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("inv") / "results.pt")
-    ctx = mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("2-rank gloo workers did not finish within 180 s")
-    finally:
-        for p in ctx.processes:  # only the two processes started above
-            if p.is_alive():
-                p.terminate()
+    run_spawned(worker, (2, free_port(), out), 2, 180, "2-rank gloo workers")
     return torch.load(out)
 
 

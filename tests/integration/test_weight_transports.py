@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from asyncrl.wire.codec import decode_checked, encode
 from asyncrl.wire.transport import generator_limits
@@ -24,7 +23,7 @@ from asyncrl.wire.weights import (
     weights_file,
 )
 
-from testkit import REPO, free_port, subprocess_env
+from testkit import REPO, free_port, run_spawned, subprocess_env
 
 
 def new_weights(model_dir, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -150,16 +149,7 @@ def WeightUpdateFrom(named, version):  # noqa: N802 - what the generator decodes
 
 def test_broadcast_group_delivers_exact_tensors_on_gloo(tmp_path):
     out = str(tmp_path / "bcast")
-    ctx = mp.start_processes(_broadcast_rank, args=(free_port(), out), nprocs=3, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("broadcast processes did not finish within 180s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_spawned(_broadcast_rank, (free_port(), out), 3, 180, "broadcast processes")
     for rank in (1, 2):
         got = torch.load(f"{out}.{rank}")
         for version, named in zip((1, 2), got):
