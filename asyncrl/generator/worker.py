@@ -138,8 +138,7 @@ class Worker:
         self.shutdown: str | None = None
         self.busy_s = 0.0  # cumulative generation time, reported with every group
         self.weights: WeightReceiver = ZmqWeights()  # transport.weights (main sets it)
-        self.restart_on_update = False  # generator.on_weight_update == "restart" (main sets it)
-        self.max_resamples = 2  # generator.max_resamples (main sets it)
+        self.max_resamples = 0  # times a batch is resampled for new weights: 0 = on_weight_update continue
         self.resampled = 0  # batches abandoned for new weights and sampled again
 
     def handle(self, msg, frames) -> None:
@@ -164,13 +163,13 @@ class Worker:
             self.handle(*got)
 
     def generate(self, msg: Prompts) -> list[tuple[TrajectoryGroup, list]]:
-        """One engine batch. With ``restart_on_update`` (generator.on_weight_update:
-        restart) new weights arriving mid-batch abandon it, and it is sampled again from
-        scratch with them: as if it had started after the update (same seed rule), at
-        most ``max_resamples`` times; later updates are applied mid-batch."""
+        """One engine batch. New weights arriving mid-batch abandon it (up to
+        ``max_resamples`` times: generator.on_weight_update restart), and it is sampled
+        again from scratch with them, as if it had started after the update (same seed
+        rule); after that, or with 0, updates are applied mid-batch."""
         for attempt in itertools.count():
             version, t0 = self.engine.version, time.time()
-            restart = self.restart_on_update and attempt < self.max_resamples
+            restart = attempt < self.max_resamples
             reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream
             if reseed is not None:
                 reseed(batch_seed(self.seed, msg.groups[0].group_id, version))
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
     try:
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
-        worker.restart_on_update = cfg.generator.on_weight_update == "restart"
-        worker.max_resamples = cfg.generator.max_resamples
+        worker.max_resamples = cfg.generator.max_resamples if cfg.generator.on_weight_update == "restart" else 0
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:

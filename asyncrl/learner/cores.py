@@ -24,7 +24,6 @@ class CoreLender:
 
     def __init__(self, own: int, extra: int, generators_busy: Callable[[], bool]) -> None:
         self.own, self.extra, self.generators_busy = own, extra, generators_busy
-        self.current = torch.get_num_threads()
         self.borrowed_s = 0.0  # wall time spent with borrowed threads, for perf/borrowed_frac
         self._since: float | None = None
 
@@ -43,11 +42,9 @@ class CoreLender:
         if self._since is not None:
             self.borrowed_s += now - self._since
         self._since = now if n > self.own else None
-        if n != self.current:
+        if n != torch.get_num_threads():
             torch.set_num_threads(n)
             if torch.get_num_threads() != n:  # some builds fix the pool once parallel work has run
                 log.warning("torch kept %d threads when asked for %d: learner.borrow_threads has no effect with this "
                             "build; lending is off", torch.get_num_threads(), n)
                 self.extra, self._since = 0, None
-                n = torch.get_num_threads()
-            self.current = n

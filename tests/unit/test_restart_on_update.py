@@ -55,7 +55,7 @@ def _update_at(worker: Worker, weights, call: int) -> None:
 def test_restart_resamples_the_batch_with_the_new_weights(tiny_model_dir):
     new = _new_weights(tiny_model_dir)
     worker = _worker(tiny_model_dir, version=7)
-    worker.restart_on_update = True
+    worker.max_resamples = 2  # generator.on_weight_update: restart
     _update_at(worker, new, call=4)
     got = _samples(worker.generate(MSG))
     assert worker.resampled == 1
@@ -79,7 +79,7 @@ def test_resamples_are_bounded_then_updates_apply_mid_batch(tiny_model_dir):
     (during the resampled attempt) is applied between decode steps instead."""
     first, second = _new_weights(tiny_model_dir), _new_weights(tiny_model_dir)
     worker = _worker(tiny_model_dir, version=7)
-    worker.restart_on_update, worker.max_resamples = True, 1
+    worker.max_resamples = 1
     calls = []
 
     def poll():
