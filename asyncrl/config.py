@@ -52,11 +52,42 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arith"] = "arith"
+    """The built-in problem source when no data files are given: ``arith`` (3-term
+    addition, the quickstart) or ``reasoning_gym`` (asyncrl/tasks/reasoning_gym.py)."""
+
+    name: Literal["arith", "reasoning_gym"] = "arith"
     terms: int = 3
+    """arith: terms per problem."""
     digits: int = 3
+    """arith: digits per term."""
     eval_size: int = 512
-    """Held-out problems (a seed disjoint from training)."""
+    """Held-out problems (a split disjoint from training)."""
+    dataset: str | dict[str, float] = "countdown"
+    """reasoning_gym: a dataset name (countdown, puzzle24, chain_sum, basic_arithmetic, ...)
+    or a weighted mix ``{countdown: 2, chain_sum: 1}``."""
+    config: dict[str, Any] = {}
+    """reasoning_gym: the generator's settings (its config fields, e.g. ``{min_numbers: 3}``);
+    for a mix, one mapping per dataset name."""
+    prompt: Literal["question", "compact"] = "question"
+    """reasoning_gym: question = the dataset's own question (chat template and
+    ``system_prompt`` when the tokenizer has one); compact = a short rendering for the
+    built-in char-level models (countdown and puzzle24: ``19,9,3>13:``)."""
+    system_prompt: Literal["default", "DeepSeekZero", "simple", "direct", "chain_of_draft", ""] = "default"
+    """reasoning_gym, question prompts: reasoning-gym's system prompt of this name ("" = none)."""
+    partial_reward: float = 1.0
+    """reasoning_gym: an answer the dataset's scorer gives s < 1 earns partial_reward * s
+    (0 = binary reward, 1 = the scorer's own partial credit); a score of 1.0 is correct."""
+
+    def __post_init__(self) -> None:
+        if self.eval_size < 1:
+            raise ValueError("task.eval_size must be >= 1")
+        if not 0 <= self.partial_reward <= 1:
+            raise ValueError("task.partial_reward must be in [0, 1] (0 = binary reward)")
+        if isinstance(self.dataset, dict) and (not self.dataset or min(self.dataset.values()) <= 0):
+            raise ValueError("task.dataset: a mix needs at least one dataset and every weight > 0, "
+                             "e.g. task.dataset={countdown: 2, chain_sum: 1}")
+        if self.name == "arith" and (self.terms < 2 or self.digits < 1):
+            raise ValueError("task.terms must be >= 2 and task.digits >= 1")
 
 
 class DataConfig(_Section):
@@ -92,6 +123,9 @@ class DataConfig(_Section):
             raise ValueError("data.overlong_buffer_len must be >= 0 (0 = no overlong penalty)")
 
 
+_EVAL_TEMPERATURES = {"aime": 0.6, "aime24": 0.6, "aime25": 0.6}
+
+
 class EvalConfig(_Section):
     """Evaluation sampling: per-data_source temperatures, k samples per problem."""
 
@@ -103,15 +137,26 @@ class EvalConfig(_Section):
     """0 = generator.top_p."""
     max_tokens: int = 0
     """0 = generator.max_tokens."""
-    temperature_by_source: dict[str, float] = msgspec.field(
-        default_factory=lambda: {"aime": 0.6, "aime24": 0.6, "aime25": 0.6})
+    temperature_by_source: dict[str, float] = msgspec.field(default_factory=lambda: dict(_EVAL_TEMPERATURES))
     """Per-data_source temperature. A key matches a data_source equal to it or containing
     it (case-insensitive; the longest matching key wins), so ``aime`` covers AIME2024,
     math-ai/aime25, ..."""
+    preset: Literal["none", "lpreg_paper"] = "none"
+    """A named protocol in place of k and the temperatures above (asyncrl/eval/sampling.py).
+    lpreg_paper: the Lp-Reg paper's evaluation: sources matching aime (AIME24, AIME25) or
+    amc sampled at temperature 0.6, every other source greedy, one sample each; eval.top_p
+    and eval.max_tokens still apply."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError("eval.k must be >= 1")
+        if self.preset != "none":
+            own = [key for key, changed in (("eval.k", self.k != 1), ("eval.temperature", self.temperature != 0),
+                                            ("eval.temperature_by_source",
+                                             self.temperature_by_source != _EVAL_TEMPERATURES)) if changed]
+            if own:
+                raise ValueError(f"eval.preset={self.preset} sets the samples per problem and the temperatures; "
+                                 f"remove {', '.join(own)} or set eval.preset=none")
         if self.temperature < 0 or any(t <= 0 for t in self.temperature_by_source.values()):
             raise ValueError("eval temperatures must be > 0 (eval.temperature 0 = generator.temperature)")
         if not 0 <= self.top_p <= 1:
@@ -130,8 +175,18 @@ class VLLMOptions(_Section):
     """No CUDA graphs / torch.compile: starts in seconds; set false for GPU throughput."""
     max_model_len: int = 0
     """Longest prompt + answer in tokens; 0 = the model's max_position_embeddings."""
+    multiprocessing: bool = False
+    """Run vLLM's V1 engine core in a process of its own (vLLM's default on GPUs: the
+    scheduler overlaps with the client) instead of in the generator process (faster to
+    start; what CPU runs use). Set by the engine, never inherited from
+    VLLM_ENABLE_V1_MULTIPROCESSING."""
+    tensor_parallel_size: int = 0
+    """GPUs (or CPU ranks) one engine is sharded over, with vLLM's multiprocessing
+    executor when > 1; 0 = cluster.generator_gpus (at least 1)."""
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 0:
+            raise ValueError("generator.vllm.tensor_parallel_size must be >= 0 (0 = cluster.generator_gpus)")
         if self.kv_cache_gb < 0:
             raise ValueError("generator.vllm.kv_cache_gb must be >= 0 (0 = sized by gpu_memory_utilization)")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -157,6 +212,7 @@ class GeneratorConfig(_Section):
     samples_per_prompt: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    """Must be 1 for training (the learner's log-probs are of the full distribution)."""
     max_tokens: int = 64
     threads: int = 2
     """torch intra-op threads per generator process."""
@@ -190,8 +246,13 @@ class GeneratorConfig(_Section):
             raise ValueError("generator.samples_per_prompt must be >= 1")
         if self.temperature <= 0:
             raise ValueError("generator.temperature must be > 0 (greedy is not supported for RL)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("generator.top_p must be in (0, 1]")
+        if self.top_p != 1.0:
+            # the engines return log-probs of the nucleus-renormalised distribution, the
+            # learner those of the full one: every importance weight would be biased
+            # (measured at top_p 0.7: mean 0.986, min 0.72), most on high-entropy tokens
+            raise ValueError(f"generator.top_p={self.top_p} is not supported for training: the learner computes "
+                             "log-probs of the full distribution at generator.temperature, so the engine must "
+                             "sample from that distribution; set generator.top_p=1 (eval.top_p may be < 1)")
 
 
 class LearnerConfig(_Section):
@@ -289,10 +350,17 @@ class TransportConfig(_Section):
     weights_port: int = 0
     """nccl: TCP port of the weight group's rendezvous on learner rank 0's host;
     0 = transport.port + 1."""
+    bucket_mb: float = 512.0
+    """Weight updates travel, and are loaded into the engine, in buckets of about this
+    many MiB (a tensor larger than that is a bucket of its own), so an engine never
+    holds a second full copy of the model; 0 = the whole model as one bucket (zmq:
+    inline in the notice, the pre-bucketing behaviour)."""
 
     def __post_init__(self) -> None:
         if self.max_message_mb <= 0 or self.max_weights_mb <= 0:
             raise ValueError("transport.max_message_mb and transport.max_weights_mb must be > 0")
+        if self.bucket_mb < 0:
+            raise ValueError("transport.bucket_mb must be >= 0 (0 = one bucket: the whole model)")
 
 
 class ClusterConfig(_Section):
@@ -450,6 +518,12 @@ def resolve_config_path(name: str) -> Path:
         return shipped
     known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"no config named {name!r}: give a YAML path or one of {known}")
+
+
+def engine_tp_size(cfg: Config) -> int:
+    """A vLLM engine's tensor-parallel size: ``generator.vllm.tensor_parallel_size``, or
+    ``cluster.generator_gpus`` (at least 1) when that is 0."""
+    return cfg.generator.vllm.tensor_parallel_size or max(cfg.cluster.generator_gpus, 1)
 
 
 class _Loader(yaml.SafeLoader):

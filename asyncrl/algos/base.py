@@ -46,6 +46,7 @@ class SelectInputs:
     entropy: Tensor | None  # [N] current-policy entropy, if needs_entropy
     proxy_logprobs: Tensor | None  # [N] -inf where filtered, if needs_proxy
     rank: int = 0  # this rank's position in all_gather's concatenation order
+    seed: int = 0  # of this mini-batch, for random selections (Clip-Cov): the same on every rank
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,17 @@ class EightyTwentyConfig(_Algo, tag="eighty_twenty"):
     clip_high: float = 0.28
     top_frac: float = 0.2
     """Fraction of the mini-batch's valid tokens (highest entropy) that get a gradient."""
+    normaliser: Literal["selected", "all"] = "selected"
+    """Token-mean denominator: the selected tokens (the reference code the Lp-Reg paper
+    reports) or all valid tokens (TRL's top_entropy_quantile)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (0.0 < self.top_frac <= 1.0):
             raise ValueError(f"algo.top_frac must be in (0, 1], got {self.top_frac}")
+        if self.normaliser == "selected" and self.agg != "token-mean":
+            raise ValueError(f"algo.normaliser=selected divides a token-mean by the selected tokens, but algo.agg is "
+                             f"{self.agg}; set algo.normaliser=all or algo.agg=token-mean")
 
 
 class KLCovConfig(_Algo, tag="kl_cov"):
@@ -122,8 +128,12 @@ class KLCovConfig(_Algo, tag="kl_cov"):
 
 class ClipCovConfig(_Algo, tag="clip_cov"):
     """Clip-Cov (Cui et al. 2025): clipped policy gradient with the gradient of a
-    ``ratio`` fraction of tokens removed, chosen among tokens whose covariance
-    (A - mean A)(lp - mean lp) lies in (cov_lb, cov_ub) and that PPO did not clip."""
+    ``ratio`` fraction of tokens removed, picked at random among tokens whose covariance
+    (A - mean A)(lp - mean lp) lies in (cov_lb, cov_ub) and that PPO did not clip.
+    The clip range is the authors' published recipe (clip ratio 1 on both sides)."""
+
+    clip_low: float = 1.0
+    clip_high: float = 1.0
 
     ratio: float = 2e-4
     """Fraction of the mini-batch's valid tokens detached (at least one)."""

@@ -10,9 +10,10 @@ and treat the highest-covariance tokens differently:
   tokens with the largest covariance.
 - Clip-Cov: the PPO clipped term, with the gradient (and value) of ``k`` tokens
   removed, chosen among tokens that PPO did not clip and whose covariance lies
-  strictly in ``(cov_lb, cov_ub)``. The authors pick those ``k`` at random; we take
-  the ``k`` with the largest covariance, so the choice is deterministic and the same
-  for any micro-batch split or world size.
+  strictly in ``(cov_lb, cov_ub)``, picked at random among them as in the authors'
+  code. The random draw is a per-token priority from the mini-batch's seed and the
+  token's global position (:func:`asyncrl.algos.selection.global_uniform`), so the pick
+  is reproducible and the same for any micro-batch split or world size.
 
 Ties go to the earlier token in global order.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from asyncrl.algos.base import AllGather, LossInputs, SelectInputs
 from asyncrl.algos.pg import aggregate, clipped_pg, is_weighted, log_ratio, pg_metrics, token_sum
-from asyncrl.algos.selection import global_lowest, global_sums, lowest_k, num_selected
+from asyncrl.algos.selection import global_lowest, global_sums, global_uniform, lowest_k, num_selected
 
 SELECTED = 1  # select() code: penalised (KL-Cov) or detached (Clip-Cov)
 
@@ -56,7 +57,8 @@ class KLCov:
     def select(self, x: SelectInputs, all_gather: AllGather) -> Tensor:
         cov, _ = centred_covariance(x, all_gather)
         valid = torch.ones(cov.shape, dtype=torch.bool, device=cov.device)
-        return global_lowest(-cov, valid, self.ratio, all_gather, x.rank).to(torch.int8) * SELECTED
+        top = global_lowest(-cov, valid, self.ratio, all_gather, x.rank, at_least_one=True)
+        return top.to(torch.int8) * SELECTED
 
     def loss(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         if x.selected is None:
@@ -92,7 +94,8 @@ class ClipCov:
         _, clipped = clipped_pg(torch.exp(lp - x.old_logprobs), x.advantages, self.clip_low, self.clip_high)
         eligible = ~clipped & (cov > self.cov_lb) & (cov < self.cov_ub)
         k = num_selected(self.ratio, total, at_least_one=True)
-        return lowest_k(-cov, eligible, k, all_gather, x.rank).to(torch.int8) * SELECTED
+        priority = global_uniform(x.seed, cov.numel(), all_gather, x.rank, cov.device)
+        return lowest_k(priority, eligible, k, all_gather, x.rank).to(torch.int8) * SELECTED
 
     def loss(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         if x.selected is None:

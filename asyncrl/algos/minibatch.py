@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from asyncrl.algos.base import AllGather, Algorithm, LossInputs, SelectInputs
+from asyncrl.algos.offpolicy import behaviour_weights
 from asyncrl.algos.selection import global_sums
 
 Forward = Callable[[slice], tuple[Tensor, Tensor | None]]
@@ -40,6 +41,13 @@ class MiniBatch:
     mask: Tensor  # bool, valid response tokens
     proxy_logprobs: Tensor | None = None  # -inf where filtered, if the algorithm needs_proxy
     is_weights: Tensor | None = None  # truncated importance weights
+    seed: int = 0  # for random selections (Clip-Cov): the same on every rank
+    # With old_logprobs None, pi_old is only known in the training forward; these
+    # give the importance weight pi_old / pi_behaviour computed there (the engine's
+    # numerics differ from the learner's: vLLM, SGLang, another dtype).
+    behaviour_logprobs: Tensor | None = None
+    off_policy: str = "none"  # learner.off_policy: the truncation of that weight
+    is_cap: float = 0.0
 
 
 def _backward(loss: Tensor, last: bool) -> None:
@@ -75,6 +83,7 @@ def select_minibatch(
         advantages=batch.advantages[m],
         entropy=None if ent is None else ent[m],
         proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[m], rank=rank,
+        seed=batch.seed,
     ), all_gather)
     selected = torch.zeros(m.shape, dtype=torch.int8, device=m.device)
     selected[m] = codes
@@ -115,13 +124,17 @@ def run_minibatch(
         rows = slice(i, min(i + micro_batch_size, B))
         lp, ent = forward(rows)
         old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        is_w = None if batch.is_weights is None else batch.is_weights[rows]
+        if batch.old_logprobs is None and batch.behaviour_logprobs is not None:
+            is_w = behaviour_weights(old, batch.behaviour_logprobs[rows], batch.mask[rows], batch.off_policy,
+                                     batch.is_cap)
         loss, m = algo.loss(LossInputs(
             logprobs=lp, old_logprobs=old, advantages=batch.advantages[rows],
             mask=batch.mask[rows], num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
             entropy=ent,
             proxy_logprobs=None if batch.proxy_logprobs is None else batch.proxy_logprobs[rows],
             selected=None if selected is None else selected[rows],
-            is_weights=None if batch.is_weights is None else batch.is_weights[rows],
+            is_weights=is_w,
         ))
         backward(loss, n == len(starts) - 1)
         m = {"loss/total": loss.detach(), **m}

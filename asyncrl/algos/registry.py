@@ -34,7 +34,8 @@ def _entropy_bonus(c: EntropyBonusConfig) -> Algorithm:
 
 
 def _eighty_twenty(c: EightyTwentyConfig) -> Algorithm:
-    return EightyTwenty(clip_low=c.clip_low, clip_high=c.clip_high, agg=c.agg, top_frac=c.top_frac)
+    return EightyTwenty(clip_low=c.clip_low, clip_high=c.clip_high, agg=c.agg, top_frac=c.top_frac,
+                        normaliser=c.normaliser)
 
 
 def _kl_cov(c: KLCovConfig) -> Algorithm:

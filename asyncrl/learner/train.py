@@ -11,6 +11,7 @@ from torch import Tensor
 
 from asyncrl.algos.base import Algorithm
 from asyncrl.algos.minibatch import MiniBatch, run_minibatch
+from asyncrl.algos.offpolicy import behaviour_weights, mismatch_stats
 from asyncrl.config import Config
 from asyncrl.learner.batch import Batch, rank_rows
 from asyncrl.learner.policy import Policy
@@ -42,21 +43,16 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
     return old, ent, proxy
 
 
-def behaviour_weights(old: Tensor, behaviour: Tensor, mask: Tensor, mode: str, cap: float) -> Tensor | None:
-    """Per-token importance weight pi_old / pi_behaviour for samples from older weights.
-
-    decoupled (decoupled PPO): the weight as is, but tokens whose weight exceeds ``cap``
-    are dropped (weight 0); tis: truncated at ``cap``; none: no weight (the PPO ratio is
-    taken against the behaviour log-probs instead)."""
-    if mode == "none":
-        return None
-    w = torch.exp(old - behaviour) * mask
-    return w.clamp(max=cap) if mode == "tis" else w * (w <= cap)
+def selection_seed(run_seed: int, step: int, mini_batch: int) -> int:
+    """The seed of one mini-batch's random token selection (Clip-Cov): a function of
+    the run, the step and the mini-batch only, so a resumed run picks the same tokens."""
+    return (run_seed * 1_000_003 + step * 1_009 + mini_batch) % (2**63)
 
 
 def train_on_batch(
     policy: Policy, opt: torch.optim.Optimizer, algo: Algorithm, batch: Batch, cfg: Config,
     all_gather: Callable[[Tensor], Tensor], poison: bool = False, before_micro: Callable[[], None] = lambda: None,
+    step: int = 0,
 ) -> dict[str, float]:
     """``poison`` (debug.nan_loss_steps) makes the loss NaN, to exercise the guard: an
     optimiser step whose loss (on any rank) or gradient norm is not finite is skipped
@@ -67,15 +63,18 @@ def train_on_batch(
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
     mask = batch.mask
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
-    # No separate pi_old pass where nothing needs it: on-policy with one optimiser step
-    # (decoupled), the training forward's own weights are pi_old and the behaviour policy,
-    # so its detached log-probs are the old ones and the importance weight is 1; with
-    # off_policy=none the ratio is taken against the generator's log-probs. The proxy and
-    # token selections always need pi_old's pass.
-    on_policy_fused = lc.max_staleness == 0 and lc.ppo_mini_batches == 1 and lc.off_policy == "decoupled"
-    skip_old = (on_policy_fused or lc.off_policy == "none") and not (algo.needs_proxy or algo.needs_selection)
+    # No separate pi_old pass where nothing needs it: with one optimiser step the training
+    # forward runs with pi_old's weights, so its detached log-probs are the old ones, and
+    # the importance weight pi_old / pi_behaviour is taken there (for stale samples, and
+    # because the engine's numerics are not the learner's); with off_policy=none the
+    # ratio is taken against the generator's log-probs. The proxy and token selections
+    # always need pi_old's pass, and so do several mini-batches (later ones run after an
+    # update, and the mismatch metrics need pi_old for every row).
+    one_step = lc.ppo_mini_batches == 1
+    skip_old = one_step and not (algo.needs_proxy or algo.needs_selection)
     if skip_old:
         old, proxy, ent = None, None, torch.zeros(mask.shape, device=mask.device)
+        pre_update = torch.zeros(mask.shape, device=mask.device)  # the training forward's log-probs
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
         old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa, before_micro)
@@ -96,14 +95,18 @@ def train_on_batch(
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
                               with_entropy=algo.needs_entropy or skip_old)
             if skip_old and torch.is_grad_enabled():
-                ent[sl] = e.detach()
+                ent[sl], pre_update[sl] = e.detach(), lp.detach()
             return lp, e if algo.needs_entropy else None
 
         # on the first mini-batch the weights are still pi_old: selection reuses its pass
         current = (old[r], ent[r] if algo.needs_entropy else None) if i == 0 and old is not None else None
+        fused_is = ratio_base is None and lc.off_policy != "none"  # pi_old / pi_behaviour in the forward
         mini = MiniBatch(None if ratio_base is None else ratio_base[r], adv_tok[r], mask[r],
                          proxy_logprobs=None if proxy is None else proxy[r],
-                         is_weights=None if is_weights is None else is_weights[r])
+                         is_weights=None if is_weights is None else is_weights[r],
+                         seed=selection_seed(cfg.run.seed, step, i),
+                         behaviour_logprobs=batch.behaviour_logprobs[r] if fused_is else None,
+                         off_policy=lc.off_policy, is_cap=lc.is_cap)
         metrics, _ = run_minibatch(algo, mini, forward, micro_batch_size=lc.micro_batch_size,
                                    all_gather=all_gather, rank=rank, max_len=float(cfg.generator.max_tokens),
                                    backward=backward, current=current)
@@ -120,10 +123,17 @@ def train_on_batch(
     idx = torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in rows])
     valid = mask[idx].float()
     keys = sorted(totals)
-    stats = torch.stack([*(totals[k] for k in keys), (ent[idx] * valid).sum(), valid.sum()])
+    k3_sum, diff_max, _ = mismatch_stats((pre_update if skip_old else old)[idx], batch.behaviour_logprobs[idx],
+                                         mask[idx])
+    stats = torch.stack([*(totals[k] for k in keys), k3_sum.float(), (ent[idx] * valid).sum(), valid.sum()])
     dist.all_reduce(stats)
-    out = {k: v / len(rows) for k, v in zip(keys, stats[:-2].tolist())}
+    diff_max = diff_max.float().reshape(1)
+    dist.all_reduce(diff_max, op=dist.ReduceOp.MAX)
+    out = {k: v / len(rows) for k, v in zip(keys, stats[:-3].tolist())}
     out["train/entropy"] = float(stats[-2] / stats[-1])
+    # the engine's sampled log-probs against the learner's before this update (pi_old)
+    out["mismatch/kl"] = float(stats[-3] / stats[-1])
+    out["mismatch/logprob_diff_max"] = float(diff_max)
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
     out["train/skipped_steps"] = skipped
     if "lpreg/kl_sum" in out:

@@ -1,4 +1,4 @@
-"""LPREG.md 5.2: the same mini-batch split into 1, 2 or 4 micro-batches, on 1 or 2
+"""docs/lpreg.md 5.2: the same mini-batch split into 1, 2 or 4 micro-batches, on 1 or 2
 gloo ranks, selects the same tokens and gives the same gradient, for every
 algorithm (those with a global selection are the point).
 
@@ -33,10 +33,11 @@ CONFIGS = {
     "gspo": {"type": "gspo", "clip_low": 0.01, "clip_high": 0.02},
     "entropy_bonus": {"type": "entropy_bonus", "coef": 0.1},
     "eighty_twenty": {"type": "eighty_twenty"},
+    "eighty_twenty_all": {"type": "eighty_twenty", "normaliser": "all"},
     "kl_cov": {"type": "kl_cov", "ratio": 0.1},
     "clip_cov": {"type": "clip_cov", "ratio": 0.1, "cov_lb": 0.05, "cov_ub": 5.0},
 }
-SELECTING = {"lpreg", "lpreg_seq", "eighty_twenty", "kl_cov", "clip_cov"}
+SELECTING = {"lpreg", "lpreg_seq", "eighty_twenty", "eighty_twenty_all", "kl_cov", "clip_cov"}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 
 
@@ -56,13 +57,14 @@ def make_problem(dtype):
     old = torch.log_softmax(logits_old / TEMPERATURE, -1).gather(-1, targets[..., None])[..., 0]
     proxy = minp_proxy_logprobs(logits_old, targets, 0.2, TEMPERATURE)
     cast = lambda t: t.to(dtype)  # noqa: E731
-    batch = MiniBatch(old_logprobs=cast(old), advantages=cast(adv), mask=mask, proxy_logprobs=cast(proxy))
+    # a seed for Clip-Cov's random pick: the same tokens for any split
+    batch = MiniBatch(old_logprobs=cast(old), advantages=cast(adv), mask=mask, proxy_logprobs=cast(proxy), seed=7)
     return cast(feats), targets, cast(w), batch
 
 
 def share(batch: MiniBatch, rows: slice) -> MiniBatch:
     return MiniBatch(old_logprobs=batch.old_logprobs[rows], advantages=batch.advantages[rows],
-                     mask=batch.mask[rows], proxy_logprobs=batch.proxy_logprobs[rows])
+                     mask=batch.mask[rows], proxy_logprobs=batch.proxy_logprobs[rows], seed=batch.seed)
 
 
 def run(name, dtype, micro, rank, world, all_gather):

@@ -28,11 +28,12 @@ def problem(seed, B=6, T=8):
     return lp, old, adv, mask, ent
 
 
-def run(cfg, lp, old, adv, mask, ent, micro=2):
+def run(cfg, lp, old, adv, mask, ent, micro=2, seed=0):
     algo = build_algorithm(msgspec.convert(cfg, AlgoConfig))
     lp_t = torch.tensor(lp, requires_grad=True)
     ent_t = torch.tensor(ent, requires_grad=True)
-    batch = MiniBatch(old_logprobs=torch.tensor(old), advantages=torch.tensor(adv), mask=torch.tensor(mask))
+    batch = MiniBatch(old_logprobs=torch.tensor(old), advantages=torch.tensor(adv), mask=torch.tensor(mask),
+                      seed=seed)
     metrics, codes = run_minibatch(algo, batch, lambda r: (lp_t[r], ent_t[r]), micro_batch_size=micro,
                                    all_gather=local_all_gather, rank=0)
     return metrics["loss/total"].item(), lp_t.grad.numpy(), ent_t.grad, codes
@@ -85,14 +86,16 @@ def test_entropy_bonus():
     np.testing.assert_allclose(ent_grad.numpy(), np.where(mask, -0.05 / n, 0.0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("seed", [2, 3])
-def test_eighty_twenty(seed):
+@pytest.mark.parametrize("seed,normaliser", [(2, "selected"), (3, "selected"), (2, "all")])
+def test_eighty_twenty(seed, normaliser):
+    """The reference code divides by the selected tokens (default), TRL by all valid ones."""
     lp, old, adv, mask, ent = problem(seed)
     ent[0, :3] = 2.5  # ties
-    got, grad, _, codes = run({"type": "eighty_twenty"}, lp, old, adv, mask, ent)
+    got, grad, _, codes = run({"type": "eighty_twenty", "normaliser": normaliser}, lp, old, adv, mask, ent)
     toks = valid(mask)
-    n = len(toks)
-    keep = top_k([(ent[bt], bt) for bt in toks], max(1, math.floor(0.2 * n)))
+    k = max(1, math.floor(0.2 * len(toks)))
+    n = k if normaliser == "selected" else len(toks)
+    keep = top_k([(ent[bt], bt) for bt in toks], k)
     want, want_grad = 0.0, np.zeros_like(lp)
     for b, t in keep:
         val, d = ppo(adv[b, t], math.exp(lp[b, t] - old[b, t]), 0.2, 0.28)
@@ -130,19 +133,27 @@ def test_kl_cov():
 
 
 def test_clip_cov():
+    """k = max(1, floor(ratio*N)) tokens picked at random among the unclipped ones with
+    covariance in (lb, ub): the k eligible tokens with the smallest draw of the
+    mini-batch seed's uniform stream, indexed by global token position."""
     lp, old, adv, mask, ent = problem(5)
-    lb, ub, ratio = 0.1, 1.0, 0.15
-    got, grad, _, codes = run({"type": "clip_cov", "ratio": ratio, "cov_lb": lb, "cov_ub": ub},
-                              lp, old, adv, mask, ent)
+    lb, ub, ratio, seed = 0.1, 1.0, 0.15, 1234
+    cfg = {"type": "clip_cov", "ratio": ratio, "cov_lb": lb, "cov_ub": ub, "clip_low": 0.2, "clip_high": 0.2}
+    got, grad, _, codes = run(cfg, lp, old, adv, mask, ent, seed=seed)
     cov = covariances(lp, adv, mask)
     n = len(cov)
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
     eligible = []
-    for (b, t), c in cov.items():
+    for i, ((b, t), c) in enumerate(cov.items()):  # cov is in global (row-major) token order
         r = math.exp(lp[b, t] - old[b, t])
         clipped = -adv[b, t] * min(max(r, 0.8), 1.2) > -adv[b, t] * r
         if not clipped and lb < c < ub:
-            eligible.append((c, (b, t)))
+            eligible.append((-draws[i], (b, t)))
     sel = top_k(eligible, max(1, math.floor(ratio * n)))
+    by_cov = top_k([(cov[bt], bt) for _, bt in eligible], len(sel))
+    assert sel != by_cov  # a random pick, not the highest covariances
+    other_seed = run(cfg, lp, old, adv, mask, ent, seed=seed + 1)[3]
+    assert not torch.equal(other_seed, codes) and int((other_seed != 0).sum()) == len(sel)
     want, want_grad = 0.0, np.zeros_like(lp)
     for (b, t) in cov:
         if (b, t) in sel:
@@ -166,7 +177,8 @@ def test_paper_defaults():
     assert (g.clip_low, g.clip_high, g.agg) == (3e-4, 4e-4, "seq-mean-token-mean")
     k, c = conv("kl_cov"), conv("clip_cov")
     assert (k.ratio, k.coef) == (2e-3, 1.0)
-    assert (c.ratio, c.cov_lb, c.cov_ub) == (2e-4, 1.0, 5.0)
+    assert (c.ratio, c.cov_lb, c.cov_ub, c.clip_low, c.clip_high) == (2e-4, 1.0, 5.0, 1.0, 1.0)  # published recipe
+    assert conv("eighty_twenty").normaliser == "selected"
     assert build_algorithm(conv("entropy_bonus")).needs_entropy
     e = build_algorithm(conv("eighty_twenty"))
     assert e.needs_entropy and e.needs_selection
@@ -177,7 +189,8 @@ def test_paper_defaults():
 def test_invalid_configs_name_the_key():
     for bad, key in [({"type": "lpreg", "rho": 2.0}, "algo.rho"), ({"type": "kl_cov", "ratio": 0.0}, "algo.ratio"),
                      ({"type": "clip_cov", "cov_lb": 5.0, "cov_ub": 1.0}, "algo.cov_lb"),
-                     ({"type": "grpo", "clip_low": 1.5}, "algo.clip_low")]:
+                     ({"type": "grpo", "clip_low": 1.5}, "algo.clip_low"),
+                     ({"type": "eighty_twenty", "agg": "seq-mean-token-mean"}, "algo.normaliser")]:
         with pytest.raises(msgspec.ValidationError, match=key):
             msgspec.convert(bad, AlgoConfig)
     with pytest.raises(msgspec.ValidationError, match="rhoo"):

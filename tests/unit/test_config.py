@@ -213,3 +213,11 @@ def test_lpreg_off_policy_at_a_large_lr_is_flagged():
                                                  "learner.prompts_per_step=16"])) == []
     for recipe in ("recipes/qwen3_14b_lpreg_offpolicy", "recipes/qwen25_32b_lpreg_offpolicy"):
         assert advisories(load_config(recipe)) == []  # the paper's lr 1e-6
+
+
+def test_training_top_p_below_one_is_refused():
+    """The learner's log-probs are of the full distribution: nucleus sampling would bias
+    every importance weight, so training refuses it at start-up, naming the key."""
+    msg = error(overrides=["generator.top_p=0.7"])
+    assert "generator.top_p" in msg and "generator.top_p=1" in msg
+    assert load_config("quickstart", ["eval.top_p=0.7"]).eval.top_p == 0.7  # evaluation may use it

@@ -1,4 +1,4 @@
-"""Lp-Reg loss and selection against a float64 oracle written from LPREG.md 2-3, 5.2
+"""Lp-Reg loss and selection against a float64 oracle written from docs/lpreg.md 2-3, 5.2
 with plain loops (it does not call the implementation)."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 
 def oracle_selection(lp, adv, mask, proxy, rho, sign):
     """Set of (b, t) regularised for the advantage sign ``sign`` (+1/-1), and the
-    screened set: k = max(1, floor(rho*N)) lowest lp, ties to the earlier token."""
+    screened set: k = floor(rho*N) lowest lp (never rounded up), ties to the earlier token."""
     B, T = lp.shape
     cands = [(lp[b, t], b * T + t, b, t) for b in range(B) for t in range(T)
              if mask[b, t] and sign * adv[b, t] > 0]
     if rho == 0 or not cands:
         return set(), set()
-    k = max(1, math.floor(rho * len(cands)))
+    k = math.floor(rho * len(cands))
     cands.sort(key=lambda c: (c[0], c[1]))
     screened = {(b, t) for _, _, b, t in cands[:k]}
     return {(b, t) for (b, t) in screened if lp[b, t] < proxy[b, t]}, screened
@@ -140,11 +140,15 @@ def test_every_selected_token_filtered():
     assert not reg and m["lpreg/screened"].item() > 0
 
 
-def test_k_is_at_least_one():
+def test_k_is_floor_never_rounded_up():
+    """contract 5.2: k = floor(rho * N_neg); rho * N_neg < 1 selects nothing."""
     lp, old, proxy, adv, mask = random_batch(6, p_filtered=0.0)
     proxy[:] = 0.0  # every token is below its proxy
     adv[:] = -1.0
-    reg, m = check(lp, old, proxy, adv, mask, rho=1e-4)
+    n_neg = int(mask.sum())
+    reg, m = check(lp, old, proxy, adv, mask, rho=0.99 / n_neg)  # rho * N_neg = 0.99
+    assert not reg and m["lpreg/screened"].item() == 0
+    reg, m = check(lp, old, proxy, adv, mask, rho=1.5 / n_neg)  # floor(1.5) = 1
     assert len(reg) == 1 and m["lpreg/screened"].item() == 1
     (b, t), = reg
     assert lp[b, t] == lp[mask].min()

@@ -49,3 +49,25 @@ def test_reused_current_logprobs_equal_selection_pass():
     assert (sel_pass > 0).any()
     assert torch.equal(sel_pass, sel_reuse)
     torch.testing.assert_close(g_reuse, g_pass, rtol=0, atol=1e-12)
+
+
+def test_fused_path_applies_behaviour_weights():
+    """On the fused path (old_logprobs None) the importance weight pi_old / pi_behaviour
+    is taken from the training forward itself: the same gradient as the explicit pass
+    with precomputed weights, for tis and decoupled, and not the unweighted one."""
+    from asyncrl.algos.offpolicy import behaviour_weights
+
+    theta, mask, adv, _, forward = _setup(3)
+    algo = build_algorithm(GRPOConfig())
+    old = forward(slice(None))[0].detach()
+    g = torch.Generator().manual_seed(1)
+    behaviour = old + 0.5 * torch.randn(old.shape, generator=g, dtype=torch.float64)  # another engine's numerics
+    g_plain, _ = _grad(algo, MiniBatch(None, adv, mask), forward, theta)
+    for mode in ("tis", "decoupled"):
+        w = behaviour_weights(old, behaviour, mask, mode, 1.5)
+        assert ((w > 0) & (w != 1)).any() and (mode == "tis" or ((w == 0) & mask).any())
+        g_explicit, _ = _grad(algo, MiniBatch(old, adv, mask, is_weights=w), forward, theta)
+        g_fused, _ = _grad(algo, MiniBatch(None, adv, mask, behaviour_logprobs=behaviour, off_policy=mode,
+                                           is_cap=1.5), forward, theta)
+        torch.testing.assert_close(g_fused, g_explicit, rtol=0, atol=1e-12)
+        assert not torch.allclose(g_fused, g_plain)

@@ -1,5 +1,5 @@
 """Lp-Reg (Huang et al., arXiv 2510.03222): low-probability token regularisation
-toward a min-p proxy of the old policy. See docs/LPREG.md for the contract.
+toward a min-p proxy of the old policy. See docs/lpreg.md for the contract.
 
 - ``proxy``: the dense min-p proxy log-prob (reference; the learner uses a kernel);
 - ``selection``: the global choice of regularised tokens;

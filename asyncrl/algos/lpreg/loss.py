@@ -1,4 +1,4 @@
-"""The Lp-Reg loss (LPREG.md section 3) as pure functions.
+"""The Lp-Reg loss (docs/lpreg.md section 3) as pure functions.
 
 - :func:`lpreg_token_loss`: one micro-batch, selection already done (the learner's
   path, via :class:`asyncrl.algos.lpreg.LpReg`).

@@ -1,4 +1,4 @@
-"""The min-p proxy log-prob of the sampled token (LPREG.md section 2), dense.
+"""The min-p proxy log-prob of the sampled token (docs/lpreg.md section 2), dense.
 
 This is the readable reference: it materialises [..., V] logits. The learner uses
 the chunked kernel ``asyncrl.kernels.token_proxy_logprobs`` with the same

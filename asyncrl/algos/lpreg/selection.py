@@ -1,8 +1,9 @@
-"""Lp-Reg's global token selection (LPREG.md 3.2 with the scope of 5.2).
+"""Lp-Reg's global token selection (docs/lpreg.md 3.2 with the scope of 5.2).
 
 Among valid tokens with ``A < 0`` in the whole optimisation mini-batch (all
-micro-batches, all ranks) take the ``k = floor(rho * N_neg)`` (at least 1) with the
-lowest current log-prob, ties to the earlier token; of those keep only tokens with
+micro-batches, all ranks) take the ``k = floor(rho * N_neg)`` with the lowest
+current log-prob, ties to the earlier token (none when ``rho * N_neg < 1``: k is
+never rounded up); of those keep only tokens with
 ``lp < lp_proxy`` strictly, so filtered tokens (``-inf`` proxy) never qualify. The
 same rule with ``rho_pos`` for ``A > 0``.
 """
@@ -35,11 +36,11 @@ def lpreg_select(x: SelectInputs, all_gather: AllGather, *, rho: float, rho_pos:
     lp = x.logprobs.detach()
     below = lp < x.proxy_logprobs  # -inf proxy: never
     codes = torch.zeros(lp.shape, dtype=torch.int8, device=lp.device)
-    screened = global_lowest(lp, x.advantages < 0, rho, all_gather, x.rank)
+    screened = global_lowest(lp, x.advantages < 0, rho, all_gather, x.rank, at_least_one=False)
     codes[screened] = SCREENED_NEG
     codes[screened & below] = REG_NEG
     if rho_pos > 0.0:
-        screened = global_lowest(lp, x.advantages > 0, rho_pos, all_gather, x.rank)
+        screened = global_lowest(lp, x.advantages > 0, rho_pos, all_gather, x.rank, at_least_one=False)
         codes[screened] = SCREENED_POS
         codes[screened & below] = REG_POS
     return codes
