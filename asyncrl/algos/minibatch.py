@@ -61,9 +61,22 @@ def global_normalisers(mask: Tensor, all_gather: AllGather) -> tuple[float, floa
     return num_tokens, num_seqs
 
 
+def micro_slices(num_rows: int, micro_batch_size: int, given: list[slice] | None = None) -> list[slice]:
+    """The micro-batches of a share: ``given`` (consecutive slices covering it, e.g. sized
+    by a token budget) or runs of ``micro_batch_size`` rows."""
+    if given is not None:
+        if [r for sl in given for r in range(sl.start, sl.stop)] != list(range(num_rows)):
+            raise ValueError(f"micro-batch slices must cover rows 0..{num_rows - 1} in order, got {given}")
+        return given
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [slice(i, min(i + micro_batch_size, num_rows)) for i in range(0, num_rows, micro_batch_size)]
+
+
 def select_minibatch(
     algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
     all_gather: AllGather, rank: int, current: tuple[Tensor, Tensor | None] | None = None,
+    slices: list[slice] | None = None,
 ) -> Tensor:
     """int8 codes [B, T] from one global ``select`` over the whole mini-batch.
 
@@ -72,7 +85,7 @@ def select_minibatch(
     B = batch.mask.shape[0]
     if current is None:
         with torch.no_grad():
-            outs = [forward(slice(i, min(i + micro_batch_size, B))) for i in range(0, B, micro_batch_size)]
+            outs = [forward(sl) for sl in micro_slices(B, micro_batch_size, slices)]
         lp = torch.cat([o[0] for o in outs]) if outs else batch.old_logprobs
         ent = torch.cat([o[1] for o in outs]) if algo.needs_entropy and outs else None
     else:
@@ -93,7 +106,7 @@ def select_minibatch(
 def run_minibatch(
     algo: Algorithm, batch: MiniBatch, forward: Forward, *, micro_batch_size: int,
     all_gather: AllGather, rank: int, max_len: float = 0.0, backward: Backward = _backward,
-    current: tuple[Tensor, Tensor | None] | None = None,
+    current: tuple[Tensor, Tensor | None] | None = None, slices: list[slice] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Accumulate this rank's gradient for one mini-batch.
 
@@ -110,18 +123,15 @@ def run_minibatch(
     """
     if batch.old_logprobs is None and algo.needs_selection and current is None:
         raise ValueError("old_logprobs=None needs `current` when the algorithm selects tokens")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    B = batch.mask.shape[0]
+    starts = micro_slices(B, micro_batch_size, slices)
     num_tokens, num_seqs = global_normalisers(batch.mask, all_gather)
     selected = None
     if algo.needs_selection:
         selected = select_minibatch(algo, batch, forward, micro_batch_size=micro_batch_size,
-                                    all_gather=all_gather, rank=rank, current=current)
-    B = batch.mask.shape[0]
+                                    all_gather=all_gather, rank=rank, current=current, slices=starts)
     metrics: dict[str, Tensor] = {}
-    starts = range(0, B, micro_batch_size)
-    for n, i in enumerate(starts):
-        rows = slice(i, min(i + micro_batch_size, B))
+    for n, rows in enumerate(starts):
         lp, ent = forward(rows)
         old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
         is_w = None if batch.is_weights is None else batch.is_weights[rows]

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from asyncrl.kernels import IGNORE_INDEX, token_logprobs, token_proxy_logprobs
+from asyncrl.learner.packing import pack, unpack
 
 
 class Policy(nn.Module):
@@ -16,25 +17,39 @@ class Policy(nn.Module):
 
     def forward(
         self, input_ids: Tensor, targets: Tensor, *, temperature: float, with_entropy: bool = False,
-        kappa: float | None = None,
+        kappa: float | None = None, pack_capacity: int | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """input_ids, targets [B, L] (targets = next token, IGNORE_INDEX where not scored).
 
         Returns (logprobs, entropy or None, proxy log-probs or None), each [B, L] float32,
         zero (proxy: -inf) at ignored positions. Right padding needs no attention mask:
         causal attention never lets a real token see the padding after it.
+        ``pack_capacity`` (not None): the decoder runs on the samples packed into rows of
+        that many tokens (0 = the longest sample; ``asyncrl.learner.packing``); the
+        results come back in the same [B, L] layout.
         """
-        hidden = self.lm.model(input_ids=input_ids).last_hidden_state  # (B, L, D)
-        mask = targets != IGNORE_INDEX
-        h, y = hidden[mask], targets[mask]  # (N, D), (N,)
+        shape = targets.shape
+        if pack_capacity is None:
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
+            mask = targets != IGNORE_INDEX
+            h, y = hidden[mask], targets[mask]  # (N, D), (N,)
+            def place(v: Tensor, fill: float) -> Tensor:
+                return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+        else:
+            packed = pack(input_ids, targets, pad_id=0, capacity=pack_capacity)
+            hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                   use_cache=False).last_hidden_state  # (R, C, D)
+            mask = packed.targets != IGNORE_INDEX
+            h, y = hidden[mask], packed.targets[mask]
+            def place(v: Tensor, fill: float) -> Tensor:
+                return unpack(v, packed, shape, fill)
         weight = self.lm.lm_head.weight  # unsharded here: we run inside the FSDP root's forward
         lp, ent = token_logprobs(h, weight, y, temperature=temperature, with_entropy=with_entropy)
-        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        lp_full = zeros.masked_scatter(mask, lp)
-        ent_full = zeros.masked_scatter(mask, ent) if with_entropy else None
+        lp_full = place(lp, 0.0)
+        ent_full = place(ent, 0.0) if with_entropy else None
         proxy_full = None
         if kappa is not None:
             with torch.no_grad():
                 proxy = token_proxy_logprobs(h.detach(), weight.detach(), y, kappa=kappa, temperature=temperature)
-            proxy_full = torch.full_like(zeros, float("-inf")).masked_scatter(mask, proxy)
+            proxy_full = place(proxy, float("-inf"))
         return lp_full, ent_full, proxy_full

@@ -14,17 +14,32 @@ from asyncrl.algos.minibatch import MiniBatch, run_minibatch
 from asyncrl.algos.offpolicy import behaviour_weights, mismatch_stats
 from asyncrl.config import Config
 from asyncrl.learner.batch import Batch, rank_rows
+from asyncrl.learner.packing import input_positions, row_lengths, split_to_count, token_budget_slices
 from asyncrl.learner.policy import Policy
 
 log = logging.getLogger(__name__)
 
 
-def _micro(rows: slice, size: int) -> list[slice]:
-    return [slice(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+def micro_batches(rows: slice, lengths: Tensor, cfg: Config) -> list[slice]:
+    """This rank's micro-batches of one mini-batch's ``rows``: at most
+    ``learner.micro_batch_size`` rows and ``learner.max_tokens_per_micro_batch`` real
+    tokens each, as many on every rank (each forward is a collective under FSDP)."""
+    lc = cfg.learner
+    out = token_budget_slices(rows, lengths, lc.micro_batch_size, lc.max_tokens_per_micro_batch)
+    if lc.max_tokens_per_micro_batch and dist.get_world_size() > 1:
+        count = torch.tensor([len(out)])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        out = split_to_count(out, int(count), lengths)
+    return out
+
+
+def pack_capacity(cfg: Config) -> int | None:
+    """The policy's ``pack_capacity``: None = padded rows (learner.packing off)."""
+    return cfg.learner.pack_row_tokens if cfg.learner.packing else None
 
 
 @torch.no_grad()
-def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config, kappa: float | None,
+def old_policy_pass(policy: Policy, batch: Batch, micro: list[list[slice]], cfg: Config, kappa: float | None,
                     before_micro: Callable[[], None] = lambda: None):
     """pi_old quantities for this rank's rows, once per batch before any update:
     log-probs, entropy and, for Lp-Reg, the min-p proxy log-probs."""
@@ -32,11 +47,11 @@ def old_policy_pass(policy: Policy, batch: Batch, rows: list[slice], cfg: Config
     dev = batch.input_ids.device
     old, ent = torch.zeros((S, L), device=dev), torch.zeros((S, L), device=dev)
     proxy = torch.full((S, L), float("-inf"), device=dev) if kappa is not None else None
-    for r in rows:
-        for mb in _micro(r, cfg.learner.micro_batch_size):
+    for slices in micro:
+        for mb in slices:
             before_micro()
             lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
-                               with_entropy=True, kappa=kappa)
+                               with_entropy=True, kappa=kappa, pack_capacity=pack_capacity(cfg))
             old[mb], ent[mb] = lp, e
             if proxy is not None:
                 proxy[mb] = px
@@ -62,6 +77,8 @@ def train_on_batch(
     batch = batch.to(next(policy.parameters()).device)
     rows = rank_rows(batch.input_ids.shape[0], lc.ppo_mini_batches, world, rank)
     mask = batch.mask
+    lengths = row_lengths(batch.targets)
+    micro = [micro_batches(r, lengths, cfg) for r in rows]  # absolute row slices, per mini-batch
     adv_tok = batch.advantages[:, None].expand(mask.shape) * mask
     # No separate pi_old pass where nothing needs it: with one optimiser step the training
     # forward runs with pi_old's weights, so its detached log-probs are the old ones, and
@@ -77,7 +94,7 @@ def train_on_batch(
         pre_update = torch.zeros(mask.shape, device=mask.device)  # the training forward's log-probs
     else:
         kappa = cfg.algo.kappa if algo.needs_proxy else None
-        old, ent, proxy = old_policy_pass(policy, batch, rows, cfg, kappa, before_micro)
+        old, ent, proxy = old_policy_pass(policy, batch, micro, cfg, kappa, before_micro)
     is_weights = None if old is None else behaviour_weights(old, batch.behaviour_logprobs, mask, lc.off_policy, lc.is_cap)
     ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
@@ -93,7 +110,7 @@ def train_on_batch(
             sl = slice(base + sl.start, base + sl.stop)
             before_micro()
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
-                              with_entropy=algo.needs_entropy or skip_old)
+                              with_entropy=algo.needs_entropy or skip_old, pack_capacity=pack_capacity(cfg))
             if skip_old and torch.is_grad_enabled():
                 ent[sl], pre_update[sl] = e.detach(), lp.detach()
             return lp, e if algo.needs_entropy else None
@@ -109,7 +126,8 @@ def train_on_batch(
                          off_policy=lc.off_policy, is_cap=lc.is_cap)
         metrics, _ = run_minibatch(algo, mini, forward, micro_batch_size=lc.micro_batch_size,
                                    all_gather=all_gather, rank=rank, max_len=float(cfg.generator.max_tokens),
-                                   backward=backward, current=current)
+                                   backward=backward, current=current,
+                                   slices=[slice(m.start - r.start, m.stop - r.start) for m in micro[i]])
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), lc.grad_clip)
         grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         if finite_step(grad_norms[-1], metrics["loss/total"]):
@@ -136,6 +154,10 @@ def train_on_batch(
     out["mismatch/logprob_diff_max"] = float(diff_max)
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
     out["train/skipped_steps"] = skipped
+    positions = torch.tensor(input_positions(lengths, [m for mb in micro for m in mb], mask.shape[1],
+                                             pack_capacity(cfg)), dtype=torch.float64)
+    dist.all_reduce(positions)  # the decoder's input over all ranks: real tokens, positions computed
+    out["perf/padding_frac"] = float(1 - positions[0] / positions[1]) if positions[1] else 0.0
     if "lpreg/kl_sum" in out:
         out["lpreg/kl_mean"] = out["lpreg/kl_sum"] / max(out["lpreg/regularised"], 1.0)
     return out

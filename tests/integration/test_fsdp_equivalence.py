@@ -26,7 +26,8 @@ ATOL = 1e-5
 SAMPLES_PER_PROMPT = 4
 PROMPTS = 4
 LPREG = {"type": "lpreg", "rho": 0.5, "kappa": 0.02, "clip_low": 0.2, "clip_high": 0.28}
-CASES = {  # name: (algo block, ppo_mini_batches, micro_batch_size)
+PACKED = {"packing": True, "max_tokens_per_micro_batch": 30}  # several micro-batches of packed rows
+CASES = {  # name: (algo block, ppo_mini_batches, micro_batch_size[, more learner settings])
     "grpo": ({"type": "grpo"}, 1, 256),
     "grpo_sgd": ({"type": "grpo"}, 1, 256),  # SGD: the update is lr * gradient, so a gradient-scale bug shows
     "lpreg_sgd": (LPREG, 2, 2),
@@ -34,8 +35,11 @@ CASES = {  # name: (algo block, ppo_mini_batches, micro_batch_size)
     "grpo_2mb_micro1": ({"type": "grpo"}, 2, 1),
     "lpreg_2mb": (LPREG, 2, 256),
     "lpreg_2mb_micro1": (LPREG, 2, 1),
+    "grpo_2mb_packed": ({"type": "grpo"}, 2, 256, PACKED),
+    "lpreg_2mb_packed": (LPREG, 2, 256, PACKED),
 }
-SAME_WEIGHTS = [("grpo_2mb", "grpo_2mb_micro1"), ("lpreg_2mb", "lpreg_2mb_micro1")]
+SAME_WEIGHTS = [("grpo_2mb", "grpo_2mb_micro1"), ("lpreg_2mb", "lpreg_2mb_micro1"),
+                ("grpo_2mb", "grpo_2mb_packed"), ("lpreg_2mb", "lpreg_2mb_packed")]
 
 
 def make_batch(pad_id: int, eos_id: int, vocab: int, scale_advantages: bool):
@@ -76,13 +80,14 @@ def run_case(model_dir: str, name: str, world: int):
     from asyncrl.learner.train import train_on_batch
     from asyncrl.models import load_model, load_tokenizer
 
-    algo_block, mini_batches, micro = CASES[name]
+    algo_block, mini_batches, micro, *more = CASES[name]
     cfg = msgspec.convert({
         "model": {"path": model_dir},
         "generator": {"samples_per_prompt": SAMPLES_PER_PROMPT, "temperature": 0.9, "max_tokens": 10},
         "learner": {"world_size": world, "prompts_per_step": PROMPTS, "ppo_mini_batches": mini_batches,
                     "micro_batch_size": micro, "lr": 1e-3,
-                    "grad_clip": 100.0 if name.endswith("_sgd") else 1.0},  # SGD: no clipping to hide a scale
+                    "grad_clip": 100.0 if name.endswith("_sgd") else 1.0,  # SGD: no clipping to hide a scale
+                    **(more[0] if more else {})},
         "algo": algo_block,
     }, Config)
     tok = load_tokenizer(model_dir)
@@ -153,7 +158,8 @@ def test_two_ranks_match_one_rank(results, initial, name):
     assert_same_weights(state1, state2, f"{name}: 1 vs 2 ranks")
     assert metrics1.keys() == metrics2.keys()
     for k in metrics1:
-        assert metrics2[k] == pytest.approx(metrics1[k], abs=ATOL, rel=ATOL), k
+        if k != "perf/padding_frac":  # the layout of the decoder's input depends on the split
+            assert metrics2[k] == pytest.approx(metrics1[k], abs=ATOL, rel=ATOL), k
 
 
 def test_lpreg_screens_and_filters_tokens(results):
