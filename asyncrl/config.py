@@ -265,6 +265,15 @@ class LearnerConfig(_Section):
     """Optimiser steps per rollout batch (1 = on-policy, the paper's 8 = off-policy)."""
     micro_batch_size: int = 256
     """Samples per forward/backward on one rank (gradient accumulation above that)."""
+    max_tokens_per_micro_batch: int = 0
+    """Also cap a micro-batch at this many real tokens (prompt + response; a longer
+    sample gets one of its own), so memory follows tokens, not rows. 0 = rows only."""
+    packing: bool = False
+    """Pack several samples into each row of the decoder's input (per-sample position
+    ids, block-diagonal attention) instead of padding every row to the longest sample."""
+    pack_row_tokens: int = 0
+    """Length of a packed row (0 = the micro-batch's longest sample). Attention cost per
+    row grows with its square on kernels without variable-length support."""
     max_staleness: int = 0
     """0 = strictly on-policy; k = generation may run k versions ahead."""
     off_policy: Literal["decoupled", "tis", "none"] = "decoupled"
@@ -317,6 +326,8 @@ class LearnerConfig(_Section):
             raise ValueError("learner.lr must be > 0")
         if self.threads < 1 or self.borrow_threads < 0:
             raise ValueError("learner.threads must be >= 1 and learner.borrow_threads >= 0")
+        if self.max_tokens_per_micro_batch < 0 or self.pack_row_tokens < 0:
+            raise ValueError("learner.max_tokens_per_micro_batch and learner.pack_row_tokens must be >= 0 (0 = off)")
         if self.borrow_threads and self.world_size != 1:
             raise ValueError("learner.borrow_threads needs learner.world_size 1 (only rank 0 sees the generators); "
                              "set learner.borrow_threads=0")
