@@ -97,8 +97,8 @@ def unpack(values: Tensor, packed: Packed, shape: torch.Size, fill: float = 0.0)
     layout, ``fill`` elsewhere. Differentiable in ``values``."""
     scored = packed.targets != IGNORE_INDEX
     index = packed.source[scored]
-    flat = torch.full((shape[0] * shape[1],), fill, dtype=values.dtype, device=values.device)
-    return flat.index_put((index,), values).reshape(shape)
+    out = torch.full(tuple(shape), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((index // shape[1], index % shape[1]), values)  # not a view: FSDP hooks stay intact
 
 
 def token_budget_slices(rows: slice, lengths: Tensor, max_rows: int, max_tokens: int) -> list[slice]:

@@ -1,0 +1,145 @@
+"""Learner training throughput with variable-length responses: padded rows against
+packed rows (``learner.packing``) and token-budget micro-batches.
+
+The real ``train_on_batch`` (one gloo rank, in process) on rollout batches built by
+the real ``build_batch``, whose response lengths span ``--min-len``..``--max-len``
+(uniform, so 10x and more apart). Reports the padding fraction of the decoder's input
+(``perf/padding_frac``) and trained tokens per second (real response tokens / step
+time), median over ``--steps`` timed steps after one warm-up.
+
+    PYTHONPATH=. python benchmarks/packing.py            # table + benchmarks/results/packing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("benchmarks.packing")
+
+
+def make_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from asyncrl.models import save_hf
+    from asyncrl.tasks.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = Qwen3Config(vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=3 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(hidden // 128, 1),
+                      head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_hf(Qwen3ForCausalLM(cfg), tok, out)
+    return out
+
+
+def rollout(seed: int, prompts: int, samples: int, lengths: tuple[int, int], vocab: int, pad_id: int):
+    from asyncrl.learner.batch import build_batch
+    from asyncrl.learner.hub import Group
+    from asyncrl.wire.codec import SampleArrays
+    from asyncrl.wire.schema import SampleMeta, TrajectoryGroup
+
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(prompts):
+        prompt = rng.integers(2, vocab, 24).tolist()
+        arrays, metas = [], []
+        for s in range(samples):
+            n = int(rng.integers(lengths[0], lengths[1] + 1))
+            arrays.append(SampleArrays(rng.integers(2, vocab, n).astype(np.int32),
+                                       rng.uniform(-3, -0.1, n).astype(np.float32), np.zeros(n, np.int32)))
+            metas.append(SampleMeta(num_tokens=n, reward=float(rng.random() < 0.5), finish_reason="stop"))
+        groups.append(Group(TrajectoryGroup(group_id=g, worker_id=0, data_source="bench", prompt_ids=prompt,
+                                            samples=metas), arrays))
+    return build_batch(groups, pad_id, True)
+
+
+def measure(model_dir: Path, learner: dict, args) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from asyncrl.algos import build_algorithm
+    from asyncrl.algos.collective import dist_all_gather
+    from asyncrl.config import Config
+    from asyncrl.learner.fsdp import apply_fsdp
+    from asyncrl.learner.policy import Policy
+    from asyncrl.learner.train import train_on_batch
+    from asyncrl.models import load_model
+
+    cfg = msgspec.convert({"model": {"path": str(model_dir)},
+                           "generator": {"samples_per_prompt": args.samples, "max_tokens": args.max_len},
+                           "learner": {"prompts_per_step": args.prompts, "lr": 1e-5, **learner},
+                           "algo": {"type": args.algo}}, Config)
+    torch.manual_seed(0)
+    policy = Policy(load_model(str(model_dir), "float32"))
+    apply_fsdp(policy, init_device_mesh("cpu", (1,)))
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr)
+    algo = build_algorithm(cfg.algo)
+    times, stats = [], {}
+    for step in range(args.steps + 1):
+        batch = rollout(step, args.prompts, args.samples, (args.min_len, args.max_len), args.vocab, 0)
+        t0 = time.perf_counter()
+        stats = train_on_batch(policy, opt, algo, batch, cfg, dist_all_gather(), step=step)
+        dt = time.perf_counter() - t0
+        tokens = int(batch.mask.sum())
+        if step:  # step 0 warms up
+            times.append((dt, tokens))
+        log.info("%s step %d: %.2fs, %d tokens, padding %.1f%%", learner, step, dt, tokens,
+                 100 * stats["perf/padding_frac"])
+    step_s = statistics.median(t for t, _ in times)
+    return {"learner": learner, "step_s": step_s, "tokens_per_s": statistics.median(n / t for t, n in times),
+            "padding_frac": stats["perf/padding_frac"], "loss": stats["loss/total"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--min-len", type=int, default=30)
+    ap.add_argument("--max-len", type=int, default=600)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--algo", default="grpo")
+    ap.add_argument("--budget", type=int, default=8192, help="learner.max_tokens_per_micro_batch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/packing.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    setups = {
+        "padded, 16 rows per micro-batch": {"micro_batch_size": 16},
+        "padded, token budget": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget},
+        "packed, rows of the longest sample": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget,
+                                               "packing": True},
+        "packed, rows of 2048 tokens": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget,
+                                        "packing": True, "pack_row_tokens": 2048},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp) / "model", args.hidden, args.layers, args.vocab)
+        results = {name: measure(model_dir, learner, args) for name, learner in setups.items()}
+    dist.destroy_process_group()
+    base = results["padded, 16 rows per micro-batch"]["tokens_per_s"]
+    lines = ["| setup | padding | trained tokens/s | vs padded | step s | loss |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r['padding_frac']:.1f}% | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s'] / base:.2f}x | {r['step_s']:.2f} | {r['loss']:.6f} |")
+    print("\n".join(lines))  # the benchmark's table
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
