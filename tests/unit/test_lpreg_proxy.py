@@ -1,5 +1,5 @@
 """The dense min-p proxy against a float64 reference that builds the renormalised
-distribution explicitly (LPREG.md section 2)."""
+distribution explicitly (docs/lpreg.md section 2)."""
 
 from __future__ import annotations
 
