@@ -194,3 +194,19 @@ def test_codes_from_select():
     assert codes.dtype == torch.int8
     # lp == proxy is not strictly below: screened, not regularised
     assert codes.tolist() == [REG_NEG, SCREENED_NEG, 0, 0, SCREENED_NEG]
+
+
+def test_k3_is_clamped_at_ten():
+    """contract 3.3: k3 = clamp(exp(d) - d - 1, -10, 10), d = lp_proxy - lp; past the
+    clamp the KL term has no gradient (the reference's low_var_kl)."""
+    from asyncrl.algos.lpreg.loss import k3
+
+    lp = torch.tensor([-0.5, -4.0, -12.0], dtype=torch.float64, requires_grad=True)
+    proxy = torch.tensor([-0.2, -0.1, -0.1], dtype=torch.float64)
+    got = k3(lp, proxy)
+    d = (proxy - lp).detach()
+    want = torch.clamp(torch.exp(d) - d - 1, max=10.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert got[1] == 10.0 and got[2] == 10.0 and got[0] < 10.0
+    got.sum().backward()
+    assert lp.grad[1] == 0 and lp.grad[2] == 0 and lp.grad[0] == pytest.approx(-(math.exp(d[0]) - 1), rel=1e-12)
