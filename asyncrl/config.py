@@ -422,6 +422,9 @@ class DebugConfig(_Section):
     test kill the learner mid-checkpoint)."""
     nan_loss_steps: list[int] = []
     """Learner steps whose loss is made NaN (tests the non-finite step guard)."""
+    record_batches: bool = False
+    """Write every rollout batch the learner trains on to ``<run.dir>/batches/step_N.safetensors``
+    (benchmarks/peers.py replays them to time the learner alone)."""
 
 
 class Config(_Section):

@@ -3,7 +3,10 @@
     python -m asyncrl.eval CONFIG.yaml --checkpoint DIR [a.b.c=value ...] [--out FILE.json]
 
 Problems are ``data.eval_files`` (or the synthetic task's held-out set), sampled per
-data_source as ``eval.*`` says (AIME / AIME25 at T=0.6), ``eval.k`` samples each.
+data_source as ``eval.*`` says (AIME / AIME25 at T=0.6), ``eval.k`` samples each, with
+the sampling parameters of the learner's in-training evaluation
+(``asyncrl.eval.sampling.plan``); ``eval.preset=lpreg_paper`` is the Lp-Reg paper's
+protocol (AIME / AMC at T=0.6, the other sources greedy, one sample each).
 Prints a markdown table and writes JSON (summary + per-problem records) to ``--out``
 (default ``DIR/eval.json``).
 """
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(cfg.model.path)
     engine = HFEngine(load_model(cfg.model.path, cfg.model.dtype), pad_id=tok.pad_token_id, seed=cfg.run.seed)
     problems = build_eval_problems(cfg, tok)
-    rewards = RewardPool(cfg.data.reward_processes if cfg.data.eval_files else 0, cfg.data.reward_timeout_s)
+    pooled = cfg.data.eval_files or cfg.task.name == "reasoning_gym"  # scorers that may hang run in processes
+    rewards = RewardPool(cfg.data.reward_processes if pooled else 0, cfg.data.reward_timeout_s)
     try:
         summary, records = run_eval(engine, tok, problems, cfg, rewards)
     finally:

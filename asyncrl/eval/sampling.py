@@ -1,49 +1,68 @@
 """Evaluation sampling plan and scoring, shared by ``python -m asyncrl.eval`` and the
-learner's periodic evaluation (``RolloutHub.evaluate``).
+learner's periodic evaluation (``RolloutHub.evaluate``): both sample every problem with
+the :class:`Sampling` that :func:`plan` gives it, so the two report the same numbers.
 
 Sampling parameters come per data_source from ``eval``: a source whose name matches a
 key of ``eval.temperature_by_source`` (equal to it, or containing it, case-insensitive;
 the longest key wins) uses that temperature (AIME / AIME25 at 0.6 by default), the
 others ``eval.temperature`` (0 = ``generator.temperature``). Every problem gets
-``eval.k`` samples.
+``eval.k`` samples of at most ``eval.max_tokens`` tokens at ``eval.top_p``.
+
+``eval.preset: lpreg_paper`` is the Lp-Reg paper's protocol instead: sources matching
+``aime`` (AIME24, AIME25) or ``amc`` sampled at temperature 0.6, every other source
+decoded greedily (temperature 0), one sample each.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from asyncrl.config import Config
 from asyncrl.eval.metrics import summarize
 from asyncrl.tasks import Problem
 
+GREEDY = 0.0
+# eval.preset -> (temperature by data_source key, temperature of the other sources, samples per problem)
+PRESETS: dict[str, tuple[Mapping[str, float], float, int]] = {
+    "lpreg_paper": ({"aime": 0.6, "amc": 0.6}, GREEDY, 1),
+}
+
 
 @dataclass(frozen=True)
-class EvalSampling:
-    k: int
+class Sampling:
+    """How a set of problems is sampled: the fields of a ``Prompts`` request (temperature 0 = greedy)."""
+
+    n: int
+    temperature: float
     top_p: float
     max_tokens: int
 
 
-def sampling(cfg: Config) -> EvalSampling:
-    e, g = cfg.eval, cfg.generator
-    return EvalSampling(k=e.k, top_p=e.top_p or g.top_p, max_tokens=e.max_tokens or g.max_tokens)
+def samples_per_problem(cfg: Config) -> int:
+    """k of mean@k / pass@k: ``eval.k``, or the preset's."""
+    return PRESETS[cfg.eval.preset][2] if cfg.eval.preset != "none" else cfg.eval.k
 
 
 def temperature_for(data_source: str, cfg: Config) -> float:
+    if cfg.eval.preset != "none":
+        by_source, default, _ = PRESETS[cfg.eval.preset]
+    else:
+        by_source, default = cfg.eval.temperature_by_source, cfg.eval.temperature or cfg.generator.temperature
     name = data_source.lower()
-    hits = [key for key in cfg.eval.temperature_by_source if key.lower() == name or key.lower() in name]
-    if hits:
-        return cfg.eval.temperature_by_source[max(hits, key=len)]
-    return cfg.eval.temperature or cfg.generator.temperature
+    hits = [key for key in by_source if key.lower() == name or key.lower() in name]
+    return by_source[max(hits, key=len)] if hits else default
 
 
-def plan(problems: Sequence[Problem], cfg: Config) -> dict[float, list[int]]:
-    """Temperature -> indices of the problems sampled at it (in order)."""
-    out: dict[float, list[int]] = defaultdict(list)
+def plan(problems: Sequence[Problem], cfg: Config) -> dict[Sampling, list[int]]:
+    """Sampling parameters -> indices of the problems sampled with them (in order)."""
+    e, g = cfg.eval, cfg.generator
+    out: dict[Sampling, list[int]] = defaultdict(list)
     for i, p in enumerate(problems):
-        out[temperature_for(p.data_source, cfg)].append(i)
+        s = Sampling(n=samples_per_problem(cfg), temperature=temperature_for(p.data_source, cfg),
+                     top_p=e.top_p or g.top_p, max_tokens=e.max_tokens or g.max_tokens)
+        out[s].append(i)
     return dict(out)
 
 
@@ -66,10 +85,9 @@ def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, bat
     rewards and responses."""
     from asyncrl.generator.engine import SamplingParams
 
-    s = sampling(cfg)
     records: list[dict | None] = [None] * len(problems)
-    for temperature, idx in plan(problems, cfg).items():
-        params = SamplingParams(n=s.k, max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p,
+    for s, idx in plan(problems, cfg).items():
+        params = SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 stop_token_ids=(tok.eos_token_id,))
         for b in range(0, len(idx), batch_size):
             chunk = idx[b : b + batch_size]
@@ -78,9 +96,9 @@ def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, bat
                 texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
                 p = problems[i]
                 scores = rewards.score([(p.data_source, t, p.ground_truth) for t in texts])
-                records[i] = {"data_source": p.data_source, "temperature": temperature, "ground_truth": p.ground_truth,
-                              "rewards": scores, "responses": texts}
-    summary = summarize_rewards(problems, [r["rewards"] for r in records], s.k)
+                records[i] = {"data_source": p.data_source, "temperature": s.temperature,
+                              "ground_truth": p.ground_truth, "rewards": scores, "responses": texts}
+    summary = summarize_rewards(problems, [r["rewards"] for r in records], samples_per_problem(cfg))
     return summary, records
 
 

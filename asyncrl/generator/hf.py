@@ -2,7 +2,9 @@
 
 Plain PyTorch, runs anywhere. Returns, per sampled token, the log-probability under
 the distribution it was sampled from (temperature and top-p applied), which is what
-importance weights against the behaviour policy need.
+importance weights against the behaviour policy need. Temperature 0 (evaluation only:
+``eval.preset``) decodes greedily; its log-prob is the chosen token's under the model's
+distribution at temperature 1 (greedy "samples" a point mass, whose log-prob says nothing).
 """
 
 from __future__ import annotations
@@ -116,8 +118,7 @@ class HFEngine:
             logits = self.model(
                 input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True, **{self.cache_kw: cache}
             ).logits[:, -1]
-            logp = sampling_logprobs(logits, params.temperature, params.top_p)
-            tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
+            tok, logp = self._pick(logits, params)
             out_lp[:, t], out_ver[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1), self.version
             newly = ~done & torch.isin(tok, stop)
             lengths[newly] = t + 1
@@ -136,6 +137,14 @@ class HFEngine:
             for i in range(B)
         ]
         return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
+
+    def _pick(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+        """The next token of every row [B] and the log-probs [B, V] it is reported under."""
+        if params.temperature == 0:  # greedy: argmax, nothing drawn from the generator
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            return logp.argmax(-1), logp
+        logp = sampling_logprobs(logits, params.temperature, params.top_p)
+        return torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1), logp
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:

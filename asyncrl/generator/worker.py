@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from asyncrl.config import Config, from_yaml_file
+from asyncrl.config import Config, engine_tp_size, from_yaml_file
 from asyncrl.generator.engine import Engine, GenerationInterrupted, SamplingParams
 from asyncrl.logs import setup_logging
 from asyncrl.rewards import RewardPool, build_reward_pool
@@ -84,7 +84,9 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
                             seed=cfg.run.seed * 1000 + worker_id, threads=cfg.generator.threads,
                             kv_cache_bytes=int(o.kv_cache_gb * 2**30) or None,
                             gpu_memory_utilization=o.gpu_memory_utilization, enforce_eager=o.enforce_eager,
-                            max_model_len=o.max_model_len or None)
+                            max_model_len=o.max_model_len or None, multiprocessing=o.multiprocessing,
+                            tensor_parallel_size=engine_tp_size(cfg),
+                            bucket_bytes=int(cfg.transport.bucket_mb * 2**20))
         return engine, tok
     if cfg.generator.engine == "sglang":
         from asyncrl.generator.sglang_engine import SGLangEngine
@@ -93,7 +95,9 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
         engine = SGLangEngine(str(resolve_model_path(cfg.model.path)), dtype=cfg.model.dtype,
                               seed=cfg.run.seed * 1000 + worker_id, url=o.url or None,
                               mem_fraction_static=o.mem_fraction_static,
-                              weights_dir=o.weights_dir or str(Path(cfg.run.dir) / f"sglang_weights{worker_id}"))
+                              weights_dir=o.weights_dir or str(Path(cfg.run.dir) / f"sglang_weights{worker_id}"),
+                              bucket_bytes=int(cfg.transport.bucket_mb * 2**20),
+                              tp_size=max(cfg.cluster.generator_gpus, 1))
         return engine, tok
     raise ValueError(f"generator.engine {cfg.generator.engine!r} is not available")
 
@@ -150,7 +154,8 @@ class Worker:
             if named is None:  # superseded (disk, cuda_ipc): the newer notice is queued
                 return
             self.engine.load_weights(named, msg.version)
-            if log.isEnabledFor(logging.DEBUG):  # before loaded(): cuda_ipc buffers may change after it
+            # before loaded(): cuda_ipc buffers may change after it; a bucketed stream was read by now
+            if log.isEnabledFor(logging.DEBUG) and isinstance(named, list):
                 log.debug("loaded weights v%d in %.3fs (digest %s)", msg.version, time.time() - t0,
                           weights_digest(named))
             self.weights.loaded(msg.version)
@@ -166,8 +171,13 @@ class Worker:
         """One engine batch. New weights arriving mid-batch abandon it (up to
         ``max_resamples`` times: generator.on_weight_update restart), and it is sampled
         again from scratch with them, as if it had started after the update (same seed
-        rule); after that, or with 0, updates are applied mid-batch."""
+        rule); after that, or with 0, updates are applied mid-batch.
+
+        Weights that arrived while the batch waited are loaded before each attempt: the
+        engine calls ``between_steps`` only after the first token, so without this the
+        first token would be sampled (and seeded) with superseded weights."""
         for attempt in itertools.count():
+            self.poll()
             version, t0 = self.engine.version, time.time()
             restart = attempt < self.max_resamples
             reseed = getattr(self.engine, "reseed", None)  # engines without it keep their own stream

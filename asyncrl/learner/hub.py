@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 import torch
 import zmq
 
 from asyncrl.config import Config
 from asyncrl.data import PromptSource
-from asyncrl.eval.sampling import hub_metrics, prompt_ids
+from asyncrl.eval.sampling import Sampling, hub_metrics, prompt_ids, samples_per_problem
 from asyncrl.eval.sampling import plan as eval_plan
 from asyncrl.tasks import Problem
 from asyncrl.learner.state import HubState
@@ -122,24 +123,27 @@ class RolloutHub:
             for gid, p in problems
         ]
 
+    def train_sampling(self) -> Sampling:
+        """How training prompts are sampled (``generator.*``; evaluation: ``eval_plan``)."""
+        g = self.cfg.generator
+        return Sampling(n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+
     def request(self, num_groups: int, min_version: int) -> None:
         """Send the next ``num_groups`` training prompts, spread over the workers."""
-        g = self.cfg.generator
         problems = []
         for _ in range(num_groups):
             problems.append((self.train_index, self.source.problem(self.train_index)))
             self.train_index += 1
-        self._send(self._groups(problems), min_version, g.samples_per_prompt, g.temperature, "train")
+        self._send(self._groups(problems), min_version, self.train_sampling(), "train")
         self.outstanding.update(gid for gid, _ in problems)
 
-    def _send(self, groups: list[PromptGroup], min_version: int, n: int, temperature: float, purpose: str) -> None:
-        g = self.cfg.generator
+    def _send(self, groups: list[PromptGroup], min_version: int, s: Sampling, purpose: str) -> None:
         W = len(self.workers)
         for w in range(W):  # contiguous chunks keep each worker's batch large
             part = groups[w * len(groups) // W : (w + 1) * len(groups) // W]
             if part:
-                msg = Prompts(groups=part, min_version=min_version, n=n, temperature=temperature,
-                              top_p=g.top_p, max_tokens=g.max_tokens, purpose=purpose)
+                msg = Prompts(groups=part, min_version=min_version, n=s.n, temperature=s.temperature,
+                              top_p=s.top_p, max_tokens=s.max_tokens, purpose=purpose)
                 peer = self.workers[(self.next_worker + w) % W]
                 self.assigned.update((pg.group_id, (peer, msg)) for pg in part)
                 self._send_to(peer, msg)
@@ -168,8 +172,9 @@ class RolloutHub:
             self.rejected_groups += 1
             log.warning("rejected trajectory group %d from worker %d: %s (%d so far)", msg.group_id, msg.worker_id,
                         problem, self.rejected_groups)
-            if msg.purpose == "train" and msg.group_id in self.outstanding:  # a bad answer to a real request:
-                self.outstanding.remove(msg.group_id)  # not waited for again; top_up asks for a fresh problem
+            pending = self.outstanding if msg.purpose == "train" else self.outstanding_eval
+            if msg.group_id in pending:  # a bad answer to a real request: not waited for again; top_up asks
+                pending.remove(msg.group_id)  # for a fresh training problem, evaluate leaves this one out
                 self.assigned.pop(msg.group_id, None)
             return True
         self.assigned.pop(msg.group_id, None)
@@ -184,15 +189,25 @@ class RolloutHub:
         return True
 
     def _check(self, group: Group) -> str:
+        """Why the group cannot be trained on or scored ("" if it can). Every outstanding
+        group id has the request it was sent in (``assigned``), hence its ``n``."""
         msg = group.msg
         pending = self.outstanding if msg.purpose == "train" else self.outstanding_eval
-        if msg.group_id not in pending:
+        if msg.group_id not in pending or msg.group_id not in self.assigned:
             return "group id not outstanding (unknown or duplicate)"
+        n = self.assigned[msg.group_id][1].n
+        if len(group.samples) != n:  # build_batch would fail on it, or a group baseline be wrong
+            return f"{len(group.samples)} samples where {n} were requested"
         for s in group.samples:
             if len(s.token_ids) and int(s.token_ids.max()) >= self.vocab_size:
                 return f"token id {int(s.token_ids.max())} outside the vocabulary ({self.vocab_size})"
             if len(s.versions) and int(s.versions.max()) > self.version:
                 return f"policy version {int(s.versions.max())} is newer than the learner's {self.version}"
+            # a log-prob is <= 0 and finite; NaN or +inf would reach the loss and -inf an
+            # importance weight (the wire carries any float32 bit pattern)
+            bad = s.logprobs[~(np.isfinite(s.logprobs) & (s.logprobs <= 0))]
+            if len(bad):
+                return f"log-prob {float(bad[0])} is not a finite value <= 0"
         return ""
 
     @property
@@ -209,16 +224,20 @@ class RolloutHub:
 
     def _wait_for(self, buffer: deque, count: int) -> bool:
         """Block until ``buffer`` holds ``count`` groups; False if a stop was requested."""
+        return self._wait_until(lambda: len(buffer) >= count, lambda: f"{len(buffer)}/{count} groups received")
+
+    def _wait_until(self, done: Callable[[], bool], progress: Callable[[], str]) -> bool:
+        """Receive until ``done()``; False if a stop was requested."""
         timeout = self.cfg.transport.timeout_s
         last = time.monotonic()
-        while len(buffer) < count:
+        while not done():
             if self.stop():
                 return False
             if self._receive(timeout_s=1.0):  # short polls keep Ctrl-C responsive
                 last = time.monotonic()
             elif time.monotonic() - last > timeout:
                 raise TimeoutError(
-                    f"no trajectories for {timeout:.0f}s ({len(buffer)}/{count} groups received); "
+                    f"no trajectories for {timeout:.0f}s ({progress()}); "
                     "a generator may be stuck or dead: see its log in the run directory"
                 )
         return True
@@ -254,17 +273,22 @@ class RolloutHub:
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Held-out mean@k / pass@k per data_source, each source sampled at its eval
-        temperature (``asyncrl.eval.sampling``: AIME / AIME25 at 0.6), ``eval.k`` samples each."""
-        n, k = len(self.eval_problems), self.cfg.eval.k
-        for temperature, idx in eval_plan(self.eval_problems, self.cfg).items():
+        temperature (``asyncrl.eval.sampling``: AIME / AIME25 at 0.6), ``eval.k`` samples each,
+        with the sampling parameters ``python -m asyncrl.eval`` uses (``eval.top_p``,
+        ``eval.max_tokens``, ``eval.preset``)."""
+        n, k = len(self.eval_problems), samples_per_problem(self.cfg)
+        for sampling, idx in eval_plan(self.eval_problems, self.cfg).items():
             problems = [(-1 - i, self.eval_problems[i]) for i in idx]  # negative ids: never trained on
             self.outstanding_eval.update(gid for gid, _ in problems)
-            self._send(self._groups(problems), version, k, temperature, "eval")
-        if not self._wait_for(self.eval_buffer, n):
+            self._send(self._groups(problems), version, sampling, "eval")
+        # every answer in, or rejected (_receive): a rejected problem is left out of the scores
+        if not self._wait_until(lambda: not self.outstanding_eval,
+                                lambda: f"{len(self.eval_buffer)}/{n} eval groups received"):
             return {}
-        groups = [self.eval_buffer.popleft() for _ in range(n)]
-        return hub_metrics(self.eval_problems, [(-1 - g.msg.group_id, [s.reward for s in g.msg.samples],
-                                                 [s.num_tokens for s in g.msg.samples]) for g in groups], k)
+        groups = [self.eval_buffer.popleft() for _ in range(len(self.eval_buffer))]
+        problems = [self.eval_problems[-1 - g.msg.group_id] for g in groups]
+        return hub_metrics(problems, [(j, [s.reward for s in g.msg.samples], [s.num_tokens for s in g.msg.samples])
+                                      for j, g in enumerate(groups)], k) | {"eval/rejected_groups": n - len(groups)}
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         self.version = version
@@ -294,9 +318,8 @@ class RolloutHub:
             msg, arrays = decode_checked(frames)
             self.buffer.append(Group(msg, trajectory_arrays(msg, arrays)))
         if st.outstanding:  # a group id is the position of its problem in the training stream
-            g = self.cfg.generator
             self._send(self._groups([(gid, self.source.problem(gid)) for gid in st.outstanding]), st.version,
-                       g.samples_per_prompt, g.temperature, "train")
+                       self.train_sampling(), "train")
             self.outstanding.update(st.outstanding)
 
     def shutdown(self, reason: str) -> None:

@@ -72,7 +72,7 @@ def test_pass_at_k_and_mean_at_k_by_hand():
 
 
 def test_eval_temperatures_by_source_and_metrics():
-    cfg = load_config("quickstart", ["generator.temperature=0.9", "generator.top_p=0.95", f"eval.k={K}"])
+    cfg = load_config("quickstart", ["generator.temperature=0.9", "eval.top_p=0.95", f"eval.k={K}"])
     problems, tagged = load_eval()
     engine = RecordingEngine(tagged)
     summary, records = run_eval(engine, CharTok(), problems, cfg, RewardPool(0))

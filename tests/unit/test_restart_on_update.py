@@ -46,7 +46,7 @@ def _update_at(worker: Worker, weights, call: int) -> None:
 
     def poll():  # stands in for the link: the new weights arrive before decode step `call`
         calls.append(1)
-        if len(calls) == call:
+        if len(calls) == call + 1:  # call 1 is the worker's own poll before the attempt (token 0)
             worker.engine.load_weights(list(weights.items()), version=8)
 
     worker.poll = poll
@@ -82,11 +82,11 @@ def test_resamples_are_bounded_then_updates_apply_mid_batch(tiny_model_dir):
     worker.max_resamples = 1
     calls = []
 
-    def poll():
+    def poll():  # each attempt polls once before its first token, then before every decode step
         calls.append(1)
-        if len(calls) == 3:  # attempt 1, before decode step 3: v8 -> restart
+        if len(calls) == 1 + 3:  # attempt 1, before decode step 3: v8 -> restart
             worker.engine.load_weights(list(first.items()), version=8)
-        elif len(calls) == 3 + 5:  # attempt 2, before decode step 5: v9 -> applied mid-batch
+        elif len(calls) == 4 + 1 + 5:  # attempt 2, before decode step 5: v9 -> applied mid-batch
             worker.engine.load_weights(list(second.items()), version=9)
 
     worker.poll = poll

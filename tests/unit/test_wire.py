@@ -31,10 +31,18 @@ def samples(lengths, seed=0) -> list[SampleArrays]:
 
 
 def valid_samples(lengths, seed=0) -> list[SampleArrays]:
-    """Samples a learner at version 0 with a 1000-token vocabulary accepts."""
+    """Samples a learner at version 0 with a 1000-token vocabulary accepts (log-probs <= 0)."""
     rng = np.random.default_rng(seed)
-    return [SampleArrays(rng.integers(0, 1000, n, dtype=np.int32), rng.standard_normal(n).astype(np.float32),
+    return [SampleArrays(rng.integers(0, 1000, n, dtype=np.int32), -np.abs(rng.standard_normal(n)).astype(np.float32),
                          np.zeros(n, dtype=np.int32)) for n in lengths]
+
+
+def expect(hub, gids, n=2, purpose="train") -> None:
+    """Record ``gids`` as requested from generator 5 with ``n`` samples each (what
+    ``RolloutHub.request`` / ``evaluate`` record when they send the prompts)."""
+    msg = Prompts(groups=[], min_version=0, n=n, temperature=1.0, top_p=1.0, max_tokens=8, purpose=purpose)
+    (hub.outstanding if purpose == "train" else hub.outstanding_eval).update(gids)
+    hub.assigned.update((gid, (b"gen-5", msg)) for gid in gids)
 
 
 def traj_header(lengths) -> TrajectoryGroup:
@@ -189,7 +197,7 @@ def test_hub_drops_a_malformed_trajectory_and_keeps_collecting(link):
 
     learner, gen = link
     hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None)
-    hub.outstanding.add(3)
+    expect(hub, [3])
     hub.version = 100
     lengths = [2, 3]
     frames = trajectory_frames(valid_samples(lengths))
@@ -212,7 +220,7 @@ def test_hub_rejects_unrequested_duplicate_and_out_of_range_groups(link):
 
     learner, gen = link
     hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None, vocab_size=1000)
-    hub.outstanding.update({0, 1, 2, 3})
+    expect(hub, [0, 1, 2, 3])
     lengths = [2, 3]
     good = trajectory_frames(valid_samples(lengths))
 
@@ -248,8 +256,8 @@ def test_hub_sees_generators_idle_once_their_groups_arrived(link):
     learner, gen = link
     hub = RolloutHub(Config(), learner, source=None, eval_problems=[], tokenizer=None, vocab_size=1000)
     assert not hub.generators_busy()
-    hub.outstanding.add(3)
-    hub.outstanding_eval.add(-1)
+    expect(hub, [3])
+    expect(hub, [-1], purpose="eval")
     t0 = time.monotonic()
     assert hub.generators_busy()
     assert time.monotonic() - t0 < 0.5  # a poll, not a wait
