@@ -2,7 +2,9 @@
 # One-command GPU check of asyncrl.kernels (issue #4) and the one-GPU weight path (issue #7):
 #   1. correctness (tests/gpu): the Triton kernels vs the float64 oracle (bf16 + fp32); weight sync on
 #      one GPU: NCCL with learner rank 0 alone, and cuda_ipc with the learner and an hf engine sharing the
-#      GPU (two processes, then a 3-step `asyncrl.launch quickstart` run; ~2 min of the total);
+#      GPU (two processes, then a 3-step `asyncrl.launch quickstart` run; ~2 min of the total); with 2+
+#      GPUs also the bucketed NCCL broadcast learner -> generator (cast to bf16, one packed buffer per
+#      dtype per bucket, received a bucket at a time: tests/gpu/test_nccl_weights.py);
 #   2. fwd+bwd time / peak memory at D=1536 and D=3584, V=151936, N=16384 beside
 #      dense PyTorch and a cuBLAS GEMM of the same shape (JSON to $OUT if set);
 #   3. a real learner training step (Qwen2.5-0.5B-sized random Qwen3, GRPO and Lp-Reg).
@@ -23,7 +25,7 @@ if ! python -c 'import msgspec, zmq' 2>/dev/null; then
     || fail "pip install msgspec pyzmq"
 fi
 
-echo "== 1/3 correctness: pytest tests/gpu (kernels; weight sync on one GPU: nccl, cuda_ipc)"
+echo "== 1/3 correctness: pytest tests/gpu (kernels; weight sync: nccl bucketed (2 GPUs for the broadcast), cuda_ipc)"
 # -m overrides pyproject's default "not gpu" (which deselected the gpu-marked weight tests); no -x: one run
 # on a lent GPU should report every failure, not the first
 python -m pytest -q -p no:cacheprovider -rs -m "not vllm" tests/gpu/ || fail "correctness (pytest tests/gpu)"

@@ -5,7 +5,18 @@ Two ways to reach SGLang (CUDA only; not runnable on the CPU machines CI uses):
   with ``update_weights_from_tensor`` (which flushes the radix cache);
 - a running server (``generator.sglang.url: http://host:port``): requests go to
   ``POST /generate``; weights are written as safetensors to a directory the server can
-  read and loaded with ``POST /update_weights_from_disk``, then ``/flush_cache``.
+  read (streamed bucket by bucket: the generator never holds the whole model) and
+  loaded with ``POST /update_weights_from_disk``, which flushes the radix cache itself.
+
+In-process updates run inside SGLang's weight-update session where the installed
+version has one (``begin_weight_update`` / ``end_weight_update``: 0.5.x refuses
+``update_weights_from_tensor`` outside it), one ``update_weights_from_tensor`` call per
+bucket (``transport.bucket_mb``; each moves only its bucket to the GPU), and one cache
+flush after the last bucket.
+
+Server replies are read from the JSON body whatever the HTTP status: SGLang answers a
+refused request with 400 and ``{"success": false, "message": ...}`` (or an ``error``
+object), and that message is what the error must say.
 
 The request payload and the response parsing are pure functions
 (:func:`build_generate_request`, :func:`parse_generate_response`) so they are unit
@@ -17,7 +28,14 @@ return_logprob) and its output (``output_ids``, ``meta_info.output_token_logprob
 Log-probs: SGLang returns log-softmax of logits / temperature (unless the server sets
 ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which drops the temperature), and does not
 renormalise over the top-p nucleus. Both would make the behaviour log-probs wrong, so
-this engine refuses ``top_p < 1`` and that environment variable.
+this engine refuses ``top_p < 1``, and checks the log-prob mode where it applies, on
+the server's side: at start-up it asks for the top log-prob of one next token at two
+temperatures (:func:`check_logprob_mode`); equal answers mean the server ignores the
+temperature. The variable in this process's environment is refused too (an in-process
+engine's scheduler inherits it).
+
+Written against SGLang 0.5.x (``pyproject``: ``sglang>=0.5.9,<0.6``); the payload tests
+(tests/unit/test_sglang_payloads.py) use that version's request and reply formats.
 """
 
 from __future__ import annotations
@@ -26,13 +44,16 @@ import json
 import logging
 import os
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor
 
 from asyncrl.generator.engine import Completion, SamplingParams
+from asyncrl.wire.weights import WeightStream, iter_buckets
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +114,120 @@ def parse_generate_response(resp: Any, num_prompts: int, n: int, version: int) -
 
 def _status(resp: Any) -> tuple[bool, str]:
     """(success, message) from SGLang's weight-update answers: a tuple from the
-    in-process engine, ``{"success", "message", ...}`` from the server."""
+    in-process engine, ``{"success", "message", ...}`` from the server (also with an
+    error status), ``{"error": {"message"}}`` or plain text from a refused request."""
+    if resp is None:  # in-process calls that answer nothing (begin/end on some versions)
+        return True, ""
     if isinstance(resp, dict):
-        return bool(resp.get("success")), str(resp.get("message", ""))
+        if "success" in resp:
+            return bool(resp["success"]), str(resp.get("message", ""))
+        err = resp.get("error")
+        if err is not None:
+            return False, str(err.get("message", err) if isinstance(err, dict) else err)
     if isinstance(resp, (tuple, list)) and resp:
         return bool(resp[0]), str(resp[1]) if len(resp) > 1 else ""
+    if isinstance(resp, str):
+        return False, resp[:500]
     raise SGLangError(f"unexpected weight-update answer {resp!r}")
 
 
-def _post(url: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
+def _post(url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
+    """(HTTP status, body as JSON, or as text when it is not JSON). A 4xx/5xx reply is
+    an answer, not a transport error: SGLang says in its body why it refused."""
     data = json.dumps(body or {}).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:  # noqa: S310 - a configured SGLang URL
-        text = r.read().decode()
     try:
-        return json.loads(text)
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:  # noqa: S310 - a configured SGLang URL
+            status, text = r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
     except json.JSONDecodeError:
-        return text
+        return status, text
+
+
+def _reply(status: int, resp: Any, what: str) -> Any:
+    """The body of a successful reply; else SGLangError with SGLang's own message."""
+    if status == 200:
+        return resp
+    _, message = _status(resp) if isinstance(resp, (dict, str)) else (False, repr(resp)[:500])
+    raise SGLangError(f"SGLang refused {what} (HTTP {status}): {message}")
+
+
+def probe_request(temperature: float, prompt: list[int]) -> dict[str, Any]:
+    """One next token with its top log-prob, for :func:`check_logprob_mode`."""
+    return {"input_ids": [list(prompt)], "return_logprob": True, "top_logprobs_num": 1,
+            "sampling_params": {"max_new_tokens": 1, "temperature": temperature}}
+
+
+def check_logprob_mode(generate: Callable[[dict[str, Any]], Any], prompt: list[int] = (1, 2, 3)) -> None:
+    """Refuse a server that returns log-probs without the temperature
+    (``SGLANG_RETURN_ORIGINAL_LOGPROB`` in *its* environment): the top log-prob of one
+    next token, same context, at temperatures 0.5 and 2.0, must differ."""
+    top = []
+    for t in (0.5, 2.0):
+        resp = generate(probe_request(t, list(prompt)))
+        out = resp[0] if isinstance(resp, list) else resp
+        try:
+            top.append(float(out["meta_info"]["output_top_logprobs"][0][0][0]))
+        except (KeyError, IndexError, TypeError) as e:
+            raise SGLangError(f"SGLang's probe answer has no meta_info.output_top_logprobs ({e!r})") from None
+    if abs(top[0]) < 1e-6 and abs(top[1]) < 1e-6:  # a certain next token: no temperature can show
+        log.warning("the log-prob mode probe was inconclusive (next token certain); not checked")
+    elif abs(top[0] - top[1]) < 1e-6:
+        raise SGLangError("the SGLang server returns log-probs without temperature scaling "
+                          "(SGLANG_RETURN_ORIGINAL_LOGPROB is set where it runs); unset it there: asyncrl needs "
+                          "the log-probs of the sampling distribution")
+
+
+_ST_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def save_streaming(path: Path, named: Iterable[tuple[str, Tensor]], skip: frozenset[str] = frozenset()) -> int:
+    """Write a safetensors file tensor by tensor (header first, from the names, dtypes
+    and shapes known up front), so only the tensor being written is held; to a
+    temporary name, then renamed. Returns the number of tensors written."""
+    if isinstance(named, WeightStream):
+        rows = [(m.name, m.dtype, list(m.shape)) for m in named.metas]
+        source: Iterable[tuple[str, Tensor]] = named
+    else:
+        named = list(named)
+        rows = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+        source = named
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in rows:
+        if name in skip:
+            continue
+        n = _ST_ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    written = 0
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name, t in source:
+            if name in skip:
+                continue
+            t = t.detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            written += 1
+    if written != len(header):
+        tmp.unlink(missing_ok=True)
+        raise SGLangError(f"weight update ended after {written} of {len(header)} tensors")
+    os.replace(tmp, path)
+    return written
+
+
+_ST_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+                "int8": 1, "uint8": 1, "bool": 1}
 
 
 class SGLangEngine:
@@ -123,6 +241,8 @@ class SGLangEngine:
         mem_fraction_static: float = 0.5,
         weights_dir: str | None = None,
         timeout_s: float = 600.0,
+        bucket_bytes: int = 512 << 20,
+        tp_size: int = 1,
         version: int = 0,
     ) -> None:
         if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
@@ -131,6 +251,7 @@ class SGLangEngine:
         self.url = url.rstrip("/") if url else None
         self.timeout_s = timeout_s
         self.weights_dir = Path(weights_dir) if weights_dir else None
+        self.bucket_bytes = bucket_bytes
         self.version = version
         config = json.loads((Path(model_path) / "config.json").read_text())
         self.tied = bool(config.get("tie_word_embeddings", False))
@@ -140,56 +261,82 @@ class SGLangEngine:
 
             self.engine = sglang.Engine(model_path=model_path, dtype=dtype, random_seed=seed,
                                         mem_fraction_static=mem_fraction_static, skip_tokenizer_init=True,
-                                        log_level="error")
+                                        tp_size=tp_size, log_level="error")
+        check_logprob_mode(self._generate)
+
+    def _generate(self, req: dict[str, Any]) -> Any:
+        if self.engine is not None:
+            return self.engine.generate(**req)
+        return _reply(*_post(f"{self.url}/generate", req, self.timeout_s), "/generate")
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
     ) -> list[list[Completion]]:
         """One blocking request; ``between_steps`` is never called: SGLang does not
         hand control back between decode steps, so new weights wait for the batch."""
-        req = build_generate_request(prompts, params)
         version = self.version
-        if self.engine is not None:
-            resp = self.engine.generate(**req)
-        else:
-            resp = _post(f"{self.url}/generate", req, self.timeout_s)
+        resp = self._generate(build_generate_request(prompts, params))
         return parse_generate_response(resp, len(prompts), params.n, version)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
-        named = [(n, t.contiguous()) for n, t in named_tensors]
         if self.engine is not None:
-            ok, msg = _status(self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=True))
+            self._update_in_process(named_tensors, version)
         else:
-            ok, msg = self._update_from_disk(named)
-        if not ok:
-            raise SGLangError(f"SGLang weight update to version {version} failed: {msg}")
+            ok, msg = self._update_from_disk(named_tensors)
+            if not ok:
+                raise SGLangError(f"SGLang weight update to version {version} failed: {msg}")
         self.version = version
 
-    def _update_from_disk(self, named: list[tuple[str, Tensor]]) -> tuple[bool, str]:
-        from safetensors.torch import save_file
+    def _update_in_process(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """One weight-update session (where the version has them), a bucket per
+        ``update_weights_from_tensor`` call, one cache flush at the end."""
+        def check(resp: Any, what: str) -> None:
+            ok, msg = _status(resp)
+            if not ok:
+                raise SGLangError(f"SGLang {what} for weights v{version} failed: {msg}")
 
+        session = hasattr(self.engine, "begin_weight_update")
+        if session:
+            check(self.engine.begin_weight_update(), "begin_weight_update")
+        try:
+            for bucket in iter_buckets(named_tensors, self.bucket_bytes):
+                check(self.engine.update_weights_from_tensor(named_tensors=[(n, t.contiguous()) for n, t in bucket],
+                                                             flush_cache=False), "update_weights_from_tensor")
+                del bucket
+        finally:
+            if session:
+                check(self.engine.end_weight_update(), "end_weight_update")
+        flushed = self.engine.flush_cache()  # a FlushCacheReqOutput; refused while requests run (none do here)
+        if getattr(flushed, "success", flushed) is False:
+            raise SGLangError(f"SGLang refused to flush its cache after weights v{version}: "
+                              f"{getattr(flushed, 'message', '')}")
+
+    def _update_from_disk(self, named: Iterable[tuple[str, Tensor]]) -> tuple[bool, str]:
         if self.weights_dir is None:
             raise ValueError("server mode needs weights_dir (generator.sglang.weights_dir) readable by the server")
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         for f in Path(self.model_path).iterdir():  # config + tokenizer next to the new weights
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, self.weights_dir / f.name)
-        # a tied head is the embedding: saving both would share storage, which safetensors refuses
-        state = {n: t.detach().cpu() for n, t in named if not (self.tied and n == "lm_head.weight")}
-        save_file(state, str(self.weights_dir / "model.safetensors"))
-        resp = _post(f"{self.url}/update_weights_from_disk", {"model_path": str(self.weights_dir)}, self.timeout_s)
-        _post(f"{self.url}/flush_cache", None, self.timeout_s)  # older servers do not flush on update
-        return _status(resp)
+        # a tied head is the embedding: SGLang ties it again when it loads
+        skip = frozenset({"lm_head.weight"}) if self.tied else frozenset()
+        save_streaming(self.weights_dir / "model.safetensors", named, skip)
+        # 0.5.x flushes the radix cache as part of the update (and fails it when the flush
+        # is refused), so no separate /flush_cache, which a busy server answers with 400
+        status, resp = _post(f"{self.url}/update_weights_from_disk", {"model_path": str(self.weights_dir)},
+                             self.timeout_s)
+        ok, msg = _status(resp)
+        return ok and status == 200, msg or f"HTTP {status}"
 
     def pause(self) -> None:
         """Stop admitting requests (server: ``/pause_generation``), e.g. around an
         update when other clients share the server."""
         if self.engine is None:
-            _post(f"{self.url}/pause_generation", {}, self.timeout_s)
+            _reply(*_post(f"{self.url}/pause_generation", {}, self.timeout_s), "/pause_generation")
 
     def resume(self) -> None:
         if self.engine is None:
-            _post(f"{self.url}/continue_generation", {}, self.timeout_s)
+            _reply(*_post(f"{self.url}/continue_generation", {}, self.timeout_s), "/continue_generation")
 
     def shutdown(self) -> None:
         if self.engine is not None:

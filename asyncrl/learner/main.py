@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
 
@@ -21,7 +22,7 @@ from asyncrl.algos import build_algorithm
 from asyncrl.algos.collective import dist_all_gather
 from asyncrl.config import Config, from_yaml_file
 from asyncrl.data import build_eval_problems, build_train_source
-from asyncrl.learner.batch import Batch, broadcast_batch, build_batch
+from asyncrl.learner.batch import Batch, broadcast_batch, build_batch, save_batch
 from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
 from asyncrl.learner.cores import CoreLender
 from asyncrl.learner.fsdp import parallelize
@@ -86,13 +87,15 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
         batch = broadcast_batch(build_batch(groups, tok.pad_token_id, cfg.algo.scale_advantages) if groups else None)
         if batch is None:  # rank 0 was asked to stop: every rank leaves the loop together
             break
+        if rank0 and cfg.debug.record_batches:
+            save_batch(batch, Path(cfg.run.dir) / "batches" / f"step_{step}.safetensors")
         stats |= batch_metrics(batch, version)
         if stats["async/lag_max"] > lc.max_staleness:  # next_batch drops these: this is a bug guard
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()
         time.sleep(cfg.debug.learner_step_delay_s)
         stats |= train_on_batch(policy, opt, algo, batch, cfg, all_gather, poison=step in cfg.debug.nan_loss_steps,
-                                before_micro=lend or (lambda: None))
+                                before_micro=lend or (lambda: None), step=step)
         guard.check(step, stats)  # raises after learner.max_bad_steps non-finite steps in a row
         version += 1
         state = full_state_dict(policy)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         if hub_state is not None:
             hub.restore(hub_state)
         metrics = MetricsLogger(run_dir, total_steps=cfg.learner.steps, console=cfg.run.console,
-                                tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb)
+                                tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+                                config=msgspec.to_builtins(cfg) if cfg.run.wandb else None)
     try:
         version = train(cfg, policy, opt, hub, metrics, tok, stop=lambda: bool(stopping), ckpt=ckpt, version=version)
         state = full_state_dict(policy)

@@ -84,10 +84,14 @@ def decode_checked(frames: list, limits: Limits = Limits()) -> tuple[Message, li
         raise WireError(f"{type(msg).__name__} messages are not accepted by this endpoint", "kind")
     if isinstance(msg, TrajectoryGroup):
         trajectory_arrays(msg, rest)
-    elif isinstance(msg, WeightUpdate) and msg.transport == "zmq":
+    elif isinstance(msg, WeightUpdate) and msg.transport == "zmq" and not msg.buckets:
         _weight_layout(msg, rest)
         _check_ipc_notice(msg)  # none on a zmq update
-    elif isinstance(msg, WeightUpdate):  # a notice: the tensors travel by disk, broadcast or CUDA IPC
+    elif isinstance(msg, WeightUpdate):  # a notice: the tensors travel by disk, broadcast, CUDA IPC or zmq pulls
+        if msg.buckets and sum(msg.buckets) != len(msg.tensors):
+            raise WireError(f"buckets of {sum(msg.buckets)} tensors for {len(msg.tensors)}", "arrays")
+        if msg.serve_port and msg.transport != "zmq":
+            raise WireError(f"a {msg.transport} weight notice carries serve_port", "schema")
         if rest:
             raise WireError(f"a {msg.transport} weight notice carries no frames, got {len(rest)}", "frames")
         for meta in msg.tensors:

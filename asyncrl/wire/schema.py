@@ -38,6 +38,7 @@ Dim = Annotated[int, msgspec.Meta(ge=0, le=2**48)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 Finite = Annotated[float, msgspec.Meta(ge=-1e30, le=1e30)]  # NaN and inf fail both bounds
 Purpose = Literal["train", "eval"]
+BucketSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_TENSORS)]  # tensors in one bucket of a weight update
 
 # The only dtype names a weight header may carry. An explicit list, not getattr(torch,
 # name): a peer must not be able to name arbitrary torch attributes.
@@ -137,6 +138,12 @@ class WeightUpdate(_Msg, tag="weights"):
     ack_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     """cuda_ipc only: the loopback port where the generator acknowledges this version once
     its engine has copied the weights out (the learner may then overwrite the buffers)."""
+    buckets: Annotated[list[BucketSize], msgspec.Meta(max_length=MAX_TENSORS)] = []
+    """Tensors per bucket, in order (the update travels and is loaded a bucket at a time);
+    empty = one bucket. zmq with buckets: the message carries no frames, the generator
+    pulls bucket after bucket from ``serve_port`` on the learner's host."""
+    serve_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """zmq with buckets: the port of learner rank 0's weight server."""
 
 
 class WeightsAck(_Msg, tag="weights_ack"):
@@ -147,11 +154,22 @@ class WeightsAck(_Msg, tag="weights_ack"):
     version: Version
 
 
+class WeightsPull(_Msg, tag="weights_pull"):
+    """Generator -> learner rank 0's weight server (``transport.weights=zmq`` with
+    buckets, its own socket): send bucket ``bucket`` of ``version``. The reply is a
+    ``WeightUpdate`` with that bucket's tensors as frames, or one without tensors when
+    the version is no longer served (superseded: a newer notice is on its way)."""
+
+    version: Version
+    bucket: Count
+
+
 class Shutdown(_Msg, tag="shutdown"):
     reason: Text = ""
 
 
-Message = Hello | Prompts | TrajectoryGroup | WeightUpdate | WeightsAck | Shutdown
+Message = Hello | Prompts | TrajectoryGroup | WeightUpdate | WeightsAck | WeightsPull | Shutdown
 UPSTREAM = (Hello, TrajectoryGroup)  # what a learner receives
 DOWNSTREAM = (Prompts, WeightUpdate, Shutdown)  # what a generator receives
 ACKS = (WeightsAck,)  # what learner rank 0's cuda_ipc acknowledgement socket receives
+PULLS = (WeightsPull,)  # what learner rank 0's zmq weight server receives

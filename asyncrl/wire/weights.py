@@ -732,7 +732,8 @@ def build_sender(cfg, run_dir: str | Path) -> WeightSender:
         return DiskWeightSender(weights_dir(cfg, run_dir), bucket_bytes=_bucket_bytes(tc), dtype=dtype)
     if tc.weights == "nccl":
         return BroadcastWeightSender(tc.host, _broadcast_port(tc), cfg.generator.num_workers, "nccl", tc.timeout_s,
-                                     bucket_bytes=_bucket_bytes(tc), dtype=dtype, ranks_per_generator=_engine_ranks(cfg))
+                                     bucket_bytes=_bucket_bytes(tc), dtype=dtype,
+                                     ranks_per_generator=_engine_ranks(cfg))
     if tc.weights == "cuda_ipc":
         from asyncrl.wire.cuda_ipc import CudaIpcWeightSender
 

@@ -1,6 +1,9 @@
 """The ``nccl`` weight transport on real GPUs: ``BroadcastGroup`` builds a
 ProcessGroupNCCL of its own from a TCPStore (beside no default group) and learner rank
-0's broadcast reaches the generators bit for bit (bf16 and fp32, several versions).
+0's broadcast reaches the generators bit for bit (bf16 and fp32, several versions),
+bucketed: the sender casts floating tensors to the engine's dtype and broadcasts one
+packed buffer per dtype per bucket (``transport.bucket_mb``), the receiver allocates
+one bucket at a time (``asyncrl.wire.weights.send_bucket`` / ``receive_bucket``).
 
 One rank per GPU (NCCL refuses two ranks on one device, "Duplicate GPU detected"): on
 one GPU the tests build the group and run the learner's sender through NCCL with rank
@@ -27,13 +30,21 @@ def weights(version: int) -> list[tuple[str, torch.Tensor]]:
             ("scalar", torch.tensor(float(version)))]
 
 
-def test_nccl_group_on_one_gpu():
+def test_nccl_group_on_one_gpu_is_a_real_nccl_group():
+    """A one-rank broadcast moves no data (rank 0 is the source and the only member), so
+    this cannot test delivery: that is test_nccl_broadcast_learner_to_generator (2 GPUs)
+    and, over gloo, tests/integration/test_weight_transports.py. What one GPU can check:
+    the group is a ProcessGroupNCCL on the current device, a broadcast of a CUDA tensor
+    completes there, and a CPU tensor is refused, which a gloo group would accept."""
     torch.cuda.set_device(0)
     group = BroadcastGroup("127.0.0.1", free_port(), rank=0, world_size=1, backend="nccl", timeout_s=60)
+    assert isinstance(group.pg, torch.distributed.ProcessGroupNCCL) and group.device == torch.device("cuda", 0)
     t = torch.arange(10, device="cuda", dtype=torch.float32)
     group.broadcast(t)
     torch.cuda.synchronize()
-    assert torch.equal(t.cpu(), torch.arange(10.0)) and group.device.type == "cuda"
+    assert torch.equal(t.cpu(), torch.arange(10.0))
+    with pytest.raises((RuntimeError, ValueError), match="CUDA"):  # NCCL: "Tensors must be CUDA and dense"
+        group.broadcast(torch.arange(10.0))
     group.close()
 
 
@@ -54,10 +65,14 @@ def test_nccl_sender_alone_on_one_gpu():
     sender.close()
 
 
+BUCKET = 64 << 10  # the 1000 x 64 bf16 embedding (125 KiB) is a bucket of its own; norm + scalar share one
+
+
 def _rank(rank: int, port: int, out: str) -> None:
     torch.cuda.set_device(rank)
     if rank == 0:
-        sender = BroadcastWeightSender("127.0.0.1", port, num_generators=1, backend="nccl", timeout_s=120)
+        sender = BroadcastWeightSender("127.0.0.1", port, num_generators=1, backend="nccl", timeout_s=120,
+                                       bucket_bytes=BUCKET, dtype=torch.bfloat16)
         for v in (1, 2):
             named = [(k, t.cuda()) for k, t in weights(v)]
             sender.notice(named, v)
@@ -68,7 +83,10 @@ def _rank(rank: int, port: int, out: str) -> None:
                                            timeout_s=120)
         got = []
         for v in (1, 2):
-            notice = BroadcastWeightSender("127.0.0.1", 0, 1).notice(weights(v), v)[0]  # what the ZeroMQ notice says
+            # what the ZeroMQ notice says
+            notice = BroadcastWeightSender("127.0.0.1", 0, 1, bucket_bytes=BUCKET, dtype=torch.bfloat16).notice(
+                weights(v), v)[0]
+            assert notice.buckets == [1, 2]
             got.append([(k, t.cpu()) for k, t in receiver.receive(notice, [])])
         torch.save(got, out)
 
@@ -79,4 +97,5 @@ def test_nccl_broadcast_learner_to_generator(tmp_path):
     run_spawned(_rank, (free_port(), out), 2, 180, "NCCL broadcast")
     for v, named in zip((1, 2), torch.load(out)):
         for (k, t), (k2, want) in zip(named, weights(v), strict=True):
+            want = want.bfloat16()  # the engine's dtype: cast on the learner, before the broadcast
             assert k == k2 and t.dtype == want.dtype and torch.equal(t, want), k

@@ -128,7 +128,9 @@ def _broadcast_rank(rank: int, port: int, out: str) -> None:
     named = [("w", torch.arange(12.0).reshape(3, 4)), ("b", torch.tensor([1.5, -2.0]).to(torch.bfloat16)),
              ("s", torch.tensor(7, dtype=torch.int64))]
     if rank == 0:
-        sender = BroadcastWeightSender("127.0.0.1", port, num_generators=2, backend="gloo", timeout_s=60)
+        # 48-byte buckets: w alone, then b and s together (bucketed send and receive)
+        sender = BroadcastWeightSender("127.0.0.1", port, num_generators=2, backend="gloo", timeout_s=60,
+                                       bucket_bytes=48)
         for version in (1, 2):
             scaled = [(k, v * version) for k, v in named]
             sender.notice(scaled, version)  # in a run the hub sends this to every generator over ZeroMQ
@@ -144,7 +146,9 @@ def _broadcast_rank(rank: int, port: int, out: str) -> None:
 
 
 def WeightUpdateFrom(named, version):  # noqa: N802 - what the generator decodes from the notice
-    return BroadcastWeightSender("127.0.0.1", 0, 0).notice(named, version)[0]
+    msg = BroadcastWeightSender("127.0.0.1", 0, 0, bucket_bytes=48).notice(named, version)[0]
+    assert msg.buckets == [1, 2]
+    return msg
 
 
 def test_broadcast_group_delivers_exact_tensors_on_gloo(tmp_path):

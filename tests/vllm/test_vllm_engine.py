@@ -94,7 +94,7 @@ def test_prefix_cache_would_be_stale_without_reset(vllm_engine, hf_model):
     params = SamplingParams(n=1, max_tokens=4, temperature=1.0, stop_token_ids=(EOS,))
     vllm_engine.generate(prompt, params)
     scaled = [(n, p.detach() * (1.5 if n.endswith("mlp.down_proj.weight") else 1.0)) for n, p in hf_model.named_parameters()]
-    vllm_engine.llm.collective_rpc("asyncrl_load_weights", args=(scaled,))  # no reset_prefix_cache()
+    vllm_engine._load_buckets(scaled)  # what load_weights does, without reset_prefix_cache()
     try:
         stale = vllm_engine.generate(prompt, params)
         import copy
@@ -169,3 +169,42 @@ def test_interrupted_batch_is_released(vllm_engine, hf_model):
     outs = vllm_engine.generate(PROMPTS, params, between_steps=only_while_running)
     assert [len(o) for o in outs] == [2, 2, 2]
     assert max_error(hf_model, PROMPTS, outs, 1.0) < TOL
+
+
+def test_weights_by_broadcast_reach_every_tensor_parallel_rank(vllm_engine, hf_model, vllm_model_dir):
+    """transport.weights=nccl, here over gloo: each of the engine's workers (one per
+    tensor-parallel rank) joins the learner's broadcast group itself and loads its shard
+    of every bucket; the learner leaves the tied head out, the workers fill it in."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from asyncrl.wire.weights import BroadcastWeightReceiver, BroadcastWeightSender
+    from testkit import free_port
+
+    new = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    named = [(n, p.detach().clone()) for n, p in new.named_parameters()]  # tied: no lm_head.weight
+    assert "lm_head.weight" not in dict(named)
+    tp, port, v0 = vllm_engine.tensor_parallel_size, free_port(), vllm_engine.version
+    sender = BroadcastWeightSender("127.0.0.1", port, num_generators=1, backend="gloo", timeout_s=120,
+                                   bucket_bytes=16 << 10, ranks_per_generator=tp)
+    receiver = BroadcastWeightReceiver("127.0.0.1", port, worker_id=0, num_generators=1, backend="gloo",
+                                       timeout_s=120, ranks_per_generator=tp)
+    msg, _ = sender.notice(named, v0 + 1)
+    assert len(msg.buckets) > 3
+    learner = threading.Thread(target=sender.after_notice, args=(named,))
+    learner.start()
+    try:
+        vllm_engine.load_weights(receiver.receive(msg, []), v0 + 1)
+        learner.join(120)
+        prompt = [[(3 * i) % 19 + 2 for i in range(40)], [5, 6, 7]]
+        outs = vllm_engine.generate(prompt, SamplingParams(n=2, max_tokens=8, temperature=1.0, stop_token_ids=(EOS,)))
+        assert all(c.versions == [v0 + 1] * len(c.token_ids) for g in outs for c in g)
+        assert max_error(new, prompt, outs, 1.0) < TOL
+    finally:
+        sender.close()
+        vllm_engine.load_weights(list(hf_model.named_parameters(remove_duplicate=False)), version=v0)
