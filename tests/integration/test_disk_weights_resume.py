@@ -65,7 +65,9 @@ def test_sigkill_then_resume_with_disk_weights(launch, tiny_model_dir, tmp_path)
             "transport.weights=disk", f"transport.weights_dir={weights}", f"transport.timeout_s={TIMEOUT_S}",
             "debug.learner_step_delay_s=0.4"]  # slow steps: the kill lands before the step-10 checkpoint
     victim = launch(tiny_model_dir, args, name="run")
-    wait_for(lambda: weights_file(weights, 8).exists(), 120, victim, "weights v8")
+    # v8 written and v5 pruned after it (a kill between the two would leave v5 behind)
+    wait_for(lambda: weights_file(weights, 8).exists() and not weights_file(weights, 5).exists(), 120, victim,
+             "weights v8 (and v5 pruned)")
     os.kill(int((victim.run_dir / "logs" / "learner0.pid").read_text()), signal.SIGKILL)
     assert victim.wait(60) != 0
     state = victim.run_dir / "checkpoints" / "state"
