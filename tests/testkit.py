@@ -104,3 +104,26 @@ def make_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
     model = Qwen3ForCausalLM(cfg)
     save_hf(model, tok, out)
     return out
+
+
+WARM_BASE = "builtin:quickstart-base"
+"""The warm-started quickstart model (asyncrl/assets/quickstart-base): it solves some
+of the arithmetic problems (about 14% at temperature 1), so rewards differ within a
+group and the advantages are not all zero. End-to-end runs that must exercise the
+policy gradient start from it (a random model earns reward 0: every advantage 0)."""
+
+WARM_RUN = ["generator.max_tokens=48", "generator.samples_per_prompt=8", "learner.lr=1e-4"]
+"""Overrides that let the warm base answer (its solutions are ~38 tokens), with groups
+large enough that a step without any reward signal is rare, at the quickstart's own
+learning rate (one Adam step at 3e-4 already breaks the base: reward 0 from step 2)."""
+
+
+def assert_policy_gradient_ran(train_rows: list[dict]) -> None:
+    """A GRPO run trained with real advantages: with every advantage 0 the GRPO
+    gradient is exactly 0 (``train/grad_norm`` 0.0), so a positive norm on some step
+    proves a group with differing rewards was trained on; rewards must vary too."""
+    assert train_rows, "no training rows in metrics.jsonl"
+    rewards = [r["train/reward_mean"] for r in train_rows]
+    norms = [r["train/grad_norm"] for r in train_rows]
+    assert any(0.0 < x < 1.0 for x in rewards), f"rewards never vary: {rewards}"
+    assert max(norms) > 0.0, f"every GRPO gradient is zero (all advantages 0): {norms}"

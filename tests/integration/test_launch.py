@@ -1,12 +1,15 @@
-"""``python -m asyncrl.launch`` end to end with a tiny random model: a run completes
-and leaves metrics, the resolved config and a loadable checkpoint that differs from
-the initial weights; Lp-Reg logs its counters; a failing role fails the launch fast;
-Ctrl-C drains, saves a checkpoint and exits 0. Every wait is bounded.
+"""``python -m asyncrl.launch`` end to end: a run completes and leaves metrics, the
+resolved config and a loadable checkpoint that differs from the initial weights; Lp-Reg
+screens and regularises tokens and logs its counters; a failing role fails the launch
+fast; Ctrl-C drains, saves a checkpoint and exits 0. Every wait is bounded.
 
-A random model earns no reward on the arithmetic task, so every advantage is 0 and
-GRPO's gradient is exactly zero: runs whose checkpoint must differ from the initial
-weights use ``entropy_bonus`` (GRPO plus an entropy term, which has a gradient
-whatever the rewards)."""
+The runs that check training start from the warm-started quickstart base
+(``testkit.WARM_BASE``), which solves some problems: rewards vary within groups, so
+GRPO trains with non-zero advantages (asserted: its gradient is exactly zero
+otherwise) and Lp-Reg has negative-advantage tokens to screen. A random model earns
+reward 0 on the arithmetic task, so runs on the tiny random model that must still
+change the weights use ``entropy_bonus`` (``TRAINS``: GRPO plus an entropy term,
+which has a gradient whatever the rewards)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 
 from asyncrl.config import from_yaml_file, load_config
 
-from testkit import REPO, subprocess_env
+from asyncrl.models import resolve_model_path
+from testkit import REPO, WARM_BASE, WARM_RUN, assert_policy_gradient_ran, subprocess_env
 
 TINY = [
     "learner.steps=3", "learner.prompts_per_step=4", "generator.samples_per_prompt=4", "task.eval_size=16",
@@ -106,8 +110,8 @@ def max_weight_change(a, b) -> float:
     return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
 
 
-def test_run_completes(launch, tiny_model_dir):
-    run = launch(tiny_model_dir, TRAINS)
+def test_run_completes(launch):
+    run = launch(WARM_BASE, WARM_RUN)  # the quickstart's own algorithm: GRPO
     code = run.wait(240)
     assert code == 0, run.output()[-3000:]
 
@@ -119,10 +123,15 @@ def test_run_completes(launch, tiny_model_dir):
     assert [r["step"] for r in train] == [1, 2, 3]
     for r in train:
         for key in ("train/reward_mean", "train/entropy", "train/response_length", "train/grad_norm", "loss/total",
-                    "loss/entropy", "async/lag_max", "perf/gen_tokens_per_s", "policy/version"):
+                    "loss/pg", "async/lag_max", "perf/gen_tokens_per_s", "policy/version"):
             assert key in r, key
         assert 0.0 <= r["train/reward_mean"] <= 1.0 and r["async/lag_max"] == 0  # on-policy by default
-        assert 1.0 <= r["train/response_length"] <= 16
+        assert 1.0 <= r["train/response_length"] <= 48
+    assert_policy_gradient_ran(train)
+    # the hf engine in float32 samples from the learner's own distribution: the learner's
+    # log-probs of the sampled tokens match the engine's (KV cache vs full forward only)
+    for r in train:
+        assert r["mismatch/kl"] < 1e-8 and r["mismatch/logprob_diff_max"] < 1e-4, r
     for r in (rows[0], rows[-1]):
         assert 0.0 <= r["eval/accuracy"] <= 1.0
 
@@ -134,16 +143,17 @@ def test_run_completes(launch, tiny_model_dir):
     ckpts = hf_checkpoints(run.run_dir)
     assert [c.name for c in ckpts] == ["step_3"]
     model, tok = load_checkpoint(ckpts[0])
-    initial, initial_tok = load_checkpoint(tiny_model_dir)
-    assert max_weight_change(model, initial) > 1e-3, "the checkpoint equals the initial model: no training"
+    initial, initial_tok = load_checkpoint(resolve_model_path(WARM_BASE))
+    # Adam moves a parameter by about lr (1e-4) a step
+    assert max_weight_change(model, initial) > 5e-5, "the checkpoint equals the initial model: no training"
     assert tok("417+385=")["input_ids"] == initial_tok("417+385=")["input_ids"]
     with torch.no_grad():  # and it runs
         assert model(input_ids=torch.tensor([tok("1+2=")["input_ids"]])).logits.isfinite().all()
     assert (run.run_dir / "logs" / "learner0.log").exists() and (run.run_dir / "logs" / "generator0.log").exists()
 
 
-def test_lpreg_run_logs_its_counters(launch, tiny_model_dir):
-    run = launch(tiny_model_dir, ["algo.type=lpreg", "algo.rho=0.5", "learner.steps=2", "task.eval_size=8"])
+def test_lpreg_run_screens_and_regularises_tokens(launch):
+    run = launch(WARM_BASE, [*WARM_RUN, "algo.type=lpreg", "algo.rho=0.5", "learner.steps=2", "task.eval_size=8"])
     code = run.wait(240)
     assert code == 0, run.output()[-3000:]
     train = [r for r in run.metrics() if "train/reward_mean" in r]
@@ -152,6 +162,11 @@ def test_lpreg_run_logs_its_counters(launch, tiny_model_dir):
         for key in ("lpreg/regularised", "lpreg/screened", "lpreg/kl_mean", "loss/total"):
             assert key in r, key
         assert r["lpreg/screened"] >= r["lpreg/regularised"] >= 0
+        assert (r["lpreg/kl_mean"] > 0) == (r["lpreg/regularised"] > 0)
+    # negative-advantage tokens exist (rewards vary), so half of them are screened and
+    # those the min-p proxy keeps, with lp < lp_proxy, get the KL term
+    assert sum(r["lpreg/screened"] for r in train) > 0, train
+    assert sum(r["lpreg/regularised"] for r in train) > 0, train
     assert (run.run_dir / "checkpoints" / "step_2" / "config.json").exists()
 
 

@@ -1,6 +1,8 @@
 """The quickstart from a veRL-format parquet file: the synthetic task exported to that
 layout trains end to end through ``python -m asyncrl.launch``, and the checkpoint it
-leaves evaluates with ``python -m asyncrl.eval``. Every wait is bounded."""
+leaves evaluates with ``python -m asyncrl.eval``. The run starts from the warm-started
+base, so the rewards read from the file's ground truths vary and GRPO trains with
+non-zero advantages (asserted). Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ import sys
 
 import pytest
 
-from testkit import REPO, subprocess_env
+from testkit import REPO, WARM_BASE, WARM_RUN, assert_policy_gradient_ran, subprocess_env
 
 pytest.importorskip("pyarrow")
 
-TINY = ["learner.steps=2", "learner.prompts_per_step=2", "generator.samples_per_prompt=2", "generator.max_tokens=16",
-        "learner.threads=1", "generator.threads=1", "run.console=false", "transport.timeout_s=60",
+TINY = ["learner.steps=2", "learner.prompts_per_step=4", *WARM_RUN, "learner.threads=1", "generator.threads=1",
+        "run.console=false", "transport.timeout_s=60",
         "data.reward_processes=1"]
 
 
@@ -27,17 +29,17 @@ def run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
         pytest.fail(f"{args[:2]} did not finish within {timeout_s:.0f}s:\n{(e.stdout or b'')[-3000:]}")
 
 
-def test_quickstart_from_parquet(tmp_path, tiny_model_dir):
+def test_quickstart_from_parquet(tmp_path):
     train, test = tmp_path / "arith_train.parquet", tmp_path / "arith_test.parquet"
     for out, n, seed in ((train, 64, 0), (test, 6, 99)):
         r = run(["asyncrl.data.export_synthetic", "--out", str(out), "--n", str(n), "--seed", str(seed)], 120)
         assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "run"
-    r = run(["asyncrl.launch", "quickstart", f"model.path={tiny_model_dir}", f"run.dir={run_dir}", *TINY,
+    r = run(["asyncrl.launch", "quickstart", f"model.path={WARM_BASE}", f"run.dir={run_dir}", *TINY,
              f"data.train_files=[{train}]", f"data.eval_files=[{test}]", "eval.k=2"], 400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/reward_mean" in m for m in metrics)
+    assert_policy_gradient_ran([m for m in metrics if "train/reward_mean" in m])
     final = metrics[-1]
     assert "eval/asyncrl/arith/mean@2" in final and "eval/pass@2" in final
     ckpts = sorted((run_dir / "checkpoints").iterdir())

@@ -24,7 +24,7 @@ import torch
 from testkit import REPO, subprocess_env
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # each launch takes 40-80 s on 2 shared cores
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # each launch takes 40-80 s on 2 shared cores
 
 ATOL = 1e-5
 RUN = [

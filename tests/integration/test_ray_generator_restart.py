@@ -19,7 +19,7 @@ from test_launch import TRAINS, launch  # noqa: F401 - the fixture
 from testkit import assert_every_group_trained_once, proc_status, wait_for_step_one
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # one Ray launch: about a minute on 2 shared cores
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray launch: about a minute on 2 shared cores
 
 STEPS, PROMPTS = 4, 4
 

@@ -12,7 +12,9 @@ with the same seed.
 Determinism: CPU, one thread per role, on-policy (max_staleness 0); every generator
 batch is seeded from (seed, first group id, policy version) and the checkpoint holds
 model, optimiser, RNG, data position and buffered groups, so the comparison is exact:
-tolerance 0 on losses and weights (asserted with ATOL = 0.0)."""
+tolerance 0 on losses and weights (asserted with ATOL = 0.0). The runs start from the
+warm-started base with GRPO, so they train with real (non-zero) advantages: the
+restored optimiser state and data position are exercised, not a zero gradient."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pytest
 from safetensors.torch import load_file
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
+from testkit import WARM_BASE, WARM_RUN, assert_policy_gradient_ran
 
 ATOL = 0.0
 STEPS = ["learner.steps=6", "learner.checkpoint_every=2", "learner.keep_checkpoints=2", "task.eval_size=4",
@@ -55,11 +58,12 @@ def wait_for(pred, timeout_s: float, run, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_learner_then_resume_matches_uninterrupted(launch, tiny_model_dir):
-    ref = launch(tiny_model_dir, [*TRAINS, *STEPS], name="reference")
+def test_sigkill_learner_then_resume_matches_uninterrupted(launch):
+    ref = launch(WARM_BASE, [*WARM_RUN, *STEPS], name="reference")
     assert ref.wait(300) == 0, ref.output()[-3000:]
+    assert_policy_gradient_ran([r for r in ref.metrics() if "loss/total" in r and r["step"] > 2])  # after step 2
 
-    victim = launch(tiny_model_dir, [*TRAINS, *STEPS, "debug.checkpoint_marker_delay_s=30"], name="victim")
+    victim = launch(WARM_BASE, [*WARM_RUN, *STEPS, "debug.checkpoint_marker_delay_s=30"], name="victim")
     state = victim.run_dir / "checkpoints" / "state"
     wait_for(lambda: (state / "step_4.tmp" / "hub.msgpack").exists(), 300, victim, "step-4 checkpoint shards")
     assert (state / "step_2" / "COMPLETE").exists()
@@ -70,7 +74,7 @@ def test_sigkill_learner_then_resume_matches_uninterrupted(launch, tiny_model_di
     assert code != 0 and "run.resume=auto" in out, out[-3000:]
     assert not (state / "step_4").exists() and not (state / "step_4.tmp" / "COMPLETE").exists()
 
-    resumed = launch(tiny_model_dir, [*TRAINS, *STEPS, "run.resume=auto"], name="victim")
+    resumed = launch(WARM_BASE, [*WARM_RUN, *STEPS, "run.resume=auto"], name="victim")
     assert resumed.wait(300) == 0, resumed.output()[-3000:]
     assert "resumed from" in resumed.output() and "step_2" in resumed.output()
 

@@ -213,3 +213,53 @@ def test_dispatch_and_validation(monkeypatch):
     monkeypatch.setenv("ASYNCRL_KERNELS_IMPL", "bogus")
     with pytest.raises(ValueError, match="bogus"):
         token_logprobs(h, w, t)
+
+
+# ----------------------------------------------------------------------------- chunk size at real sizes
+@pytest.mark.parametrize("n", [1, 100, 4096, 16384, 16385, 20000, 100_000, 1_000_000])
+@pytest.mark.parametrize("vocab", [21, 1000, 32_000, 151_936, 262_144])
+def test_default_chunk_bounds(n, vocab):
+    """What default_chunk promises at any size, real ones included (a micro-batch of
+    20,000 tokens over Qwen's 151,936-token vocabulary): at least one column, at most
+    the vocabulary, a multiple of 256 unless it is the whole vocabulary, never below
+    1024 columns (efficient matmuls) and an [N, chunk] float32 buffer within
+    max(16 MiB, N x 4 KiB)."""
+    chunk = torch_chunked.default_chunk(n, vocab)
+    assert 1 <= chunk <= vocab
+    assert chunk == vocab or chunk % 256 == 0
+    assert chunk >= min(1024, vocab) and chunk <= 32768
+    assert n * chunk * 4 <= max(16 * 2**20, n * 1024 * 4)
+
+
+def test_kernels_at_20000_tokens_with_the_default_chunk():
+    """The kernels run with the chunk default_chunk picks for 20,000 tokens (rows past
+    16,384 used to round the chunk down to nothing): log-probs, entropy, gradients and
+    the proxy of a sample of rows against the float64 oracle. V = 2,304 gives ragged
+    chunks (1,024, 1,024, 256)."""
+    assert torch_chunked.CHUNK_OVERRIDE is None
+    n, v = 20_000, 2_304
+    chunk = torch_chunked.default_chunk(n, v)
+    assert 1 <= chunk < v  # several chunks
+    h, w, t = make_case(n=n, d=8, v=v, scale=1.0, n_ignore=50, seed=4)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:400]
+    a = torch.zeros(n)
+    a[rows] = torch.randn(len(rows), generator=torch.Generator().manual_seed(1))
+
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, ent = token_logprobs(h1, w1, t, temperature=0.8, with_entropy=True, impl="torch")
+    ((a * lp).sum() + (a * ent).sum()).backward()
+    h2, w2 = h[rows].double().requires_grad_(), w.double().requires_grad_()
+    lp_ref, ent_ref = dense_oracle(h2, w2, t[rows], 0.8)
+    ((a[rows].double() * lp_ref).sum() + (a[rows].double() * ent_ref).sum()).backward()
+    for name, got, ref in (("logprobs", lp[rows], lp_ref), ("entropy", ent[rows], ent_ref),
+                           ("dX", h1.grad[rows], h2.grad), ("dW", w1.grad, w2.grad)):
+        assert rel_err(got, ref) <= FP32_TOL, name
+    scored = (a != 0) & (t != IGNORE_INDEX)
+    assert torch.equal(h1.grad.abs().sum(-1) != 0, scored)  # no gradient on the other rows
+
+    proxy = token_proxy_logprobs(h, w, t, kappa=0.05, temperature=0.8, impl="torch")
+    ref = dense_proxy_oracle(h[rows], w, t[rows], 0.05, 0.8)
+    got = proxy[rows]
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    kept = ~torch.isinf(ref)
+    assert kept.any() and rel_err(got[kept], ref[kept]) <= FP32_TOL

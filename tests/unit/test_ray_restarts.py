@@ -18,6 +18,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # CI runs these in the step that installs ray (-m "slow or ray")
 
 import asyncrl.cluster.ray_backend as rb  # noqa: E402
 from asyncrl.config import load_config  # noqa: E402
