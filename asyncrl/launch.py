@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from asyncrl.config import Config, ConfigError, advisories, load_config, to_yaml
+from asyncrl.tasks.reasoning_gym import check_run
 
 log = logging.getLogger("asyncrl.launch")
 
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run(cfg)  # reasoning_gym: the package, the dataset and its config, before any role starts
         cfg, run_dir = prepare_run_dir(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         code = supervise(roles, run_dir, cfg, resume_command(args.config, args.overrides))
     if code == 0:
         log.info("done: metrics in %s, checkpoints in %s", run_dir / "metrics.jsonl", run_dir / "checkpoints")
+        log.info("figures and summary: python -m asyncrl.report %s", shlex.quote(str(run_dir)))
     return code
 
 

@@ -98,7 +98,9 @@ class _Ready:
 
 
 def build_reward_pool(cfg) -> RewardPool:
-    """The generator's pool: verifier processes only when dataset files are used."""
+    """The generator's pool: verifier processes when dataset files or reasoning-gym are
+    used (its countdown scorer hands the answer to sympy, where ``9**9**9**9`` never
+    returns); the built-in arith task scores inline."""
     d = cfg.data
-    processes = d.reward_processes if (d.train_files or d.eval_files) else 0
+    processes = d.reward_processes if (d.train_files or d.eval_files or cfg.task.name == "reasoning_gym") else 0
     return RewardPool(processes, d.reward_timeout_s, d.overlong_buffer_len, d.overlong_penalty_factor)

@@ -38,6 +38,25 @@ def _tokenizer(cfg: Config, tok):
     return tok
 
 
+_RG_TASKS: dict = {}
+
+
+def reasoning_gym_task(cfg: Config, tok=None):
+    """The run's reasoning-gym task, built once (its held-out split is read by both the
+    training stream, to skip those problems, and the evaluation)."""
+    import msgspec
+
+    from asyncrl.tasks.reasoning_gym import ReasoningGymTask
+
+    if cfg.task.prompt == "question":
+        tok = _tokenizer(cfg, tok)  # chat-templated prompts
+    key = (msgspec.json.encode(cfg.task), id(tok))
+    if key not in _RG_TASKS:
+        _RG_TASKS.clear()
+        _RG_TASKS[key] = ReasoningGymTask(cfg.task, tok)
+    return _RG_TASKS[key]
+
+
 def build_train_source(cfg: Config, tok=None) -> PromptSource:
     """``data.train_files`` in veRL layout if given, else the synthetic ``task``."""
     d = cfg.data
@@ -46,17 +65,21 @@ def build_train_source(cfg: Config, tok=None) -> PromptSource:
 
         problems = load_problems(d.train_files, _tokenizer(cfg, tok), d.max_prompt_length, d.truncation)
         return DatasetSource(problems, cfg.run.seed, d.shuffle)
+    if cfg.task.name == "reasoning_gym":
+        return reasoning_gym_task(cfg, tok).stream(cfg.run.seed)
     task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
     return TaskSource(task, cfg.run.seed)
 
 
 def build_eval_problems(cfg: Config, tok=None) -> list[Problem]:
     """``data.eval_files`` (every row, in order) if given, else held-out synthetic problems
-    (a seed disjoint from the training stream's)."""
+    (a seed disjoint from the training stream's; reasoning_gym: a split the streams skip)."""
     d = cfg.data
     if d.eval_files:
         from asyncrl.data.files import load_problems
 
         return load_problems(d.eval_files, _tokenizer(cfg, tok), d.max_prompt_length, d.truncation)
+    if cfg.task.name == "reasoning_gym":
+        return reasoning_gym_task(cfg, tok).eval_problems()
     task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
     return [task.sample(-1 - cfg.run.seed, i) for i in range(cfg.task.eval_size)]

@@ -31,6 +31,15 @@ def register_verifier(data_source: str, fn: Callable[[str, str], float]) -> None
     _VERIFIERS[data_source] = fn
 
 
+# (prefix, verifier): a family of sources named "<prefix><dataset>" (reasoning_gym/countdown);
+# checked before the substrings, so "reasoning_gym/..." never falls to a benchmark pattern.
+_PREFIXES: list[tuple[str, Callable[[str, str], float]]] = []
+
+
+def register_verifier_prefix(prefix: str, fn: Callable[[str, str], float]) -> None:
+    _PREFIXES.append((prefix, fn))
+
+
 # (substring, verifier): a data_source with no exact entry that contains the substring
 # (case-insensitive) uses that verifier; benchmarks come under many spellings.
 _PATTERNS: list[tuple[str, Callable[[str, str], float]]] = []
@@ -43,10 +52,13 @@ def register_verifier_pattern(substring: str, fn: Callable[[str, str], float]) -
 def find_verifier(data_source: str) -> Callable[[str, str], float]:
     fn = _VERIFIERS.get(data_source)
     if fn is None:
+        fn = next((f for pre, f in _PREFIXES if data_source.startswith(pre)), None)
+    if fn is None:
         fn = next((f for sub, f in _PATTERNS if sub in data_source.lower()), None)
     if fn is None:
         raise KeyError(
-            f"no verifier for data_source {data_source!r}; known: {sorted(_VERIFIERS)}, or any name containing "
+            f"no verifier for data_source {data_source!r}; known: {sorted(_VERIFIERS)}, any name starting with one of "
+            f"{[pre for pre, _ in _PREFIXES]}, or any name containing "
             f"one of {[sub for sub, _ in _PATTERNS]}; rename the rows' data_source or register a verifier"
         )
     return fn
