@@ -127,3 +127,30 @@ def assert_policy_gradient_ran(train_rows: list[dict]) -> None:
     norms = [r["train/grad_norm"] for r in train_rows]
     assert any(0.0 < x < 1.0 for x in rewards), f"rewards never vary: {rewards}"
     assert max(norms) > 0.0, f"every GRPO gradient is zero (all advantages 0): {norms}"
+
+
+def wait_for_run(pred, timeout_s: float, run, what: str, poll_s: float = 0.05) -> None:
+    """Poll ``pred()`` while the launched ``run`` (``run.proc``, ``run.output()``) is alive:
+    fails the test with the run's output if it exits first or ``timeout_s`` passes."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if run.proc.poll() is not None:
+            pytest.fail(f"launch exited with {run.proc.returncode} before {what}:\n{run.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout_s:.0f}s:\n{run.output()[-3000:]}")
+        time.sleep(poll_s)
+
+
+def one_gloo_rank():
+    """A world of one gloo rank in this process (a generator for a module fixture)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
-import pytest
 import torch
 
 from asyncrl.wire.weights import MARKER, DiskWeightReceiver, DiskWeightSender, weights_file
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
+from testkit import wait_for_run
 
 TIMEOUT_S = 15  # transport.timeout_s: how long the buggy resume hangs before it dies
 
@@ -50,13 +49,7 @@ def test_a_new_sender_ignores_newer_versions_an_earlier_learner_left(tmp_path):
 
 
 def wait_for(pred, timeout_s: float, run, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if run.proc.poll() is not None:
-            pytest.fail(f"launch exited with {run.proc.returncode} before {what}:\n{run.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout_s:.0f}s:\n{run.output()[-3000:]}")
-        time.sleep(0.05)
+    wait_for_run(pred, timeout_s, run, what, poll_s=0.05)
 
 
 def test_sigkill_then_resume_with_disk_weights(launch, tiny_model_dir, tmp_path):

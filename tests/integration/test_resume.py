@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
-import pytest
 from safetensors.torch import load_file
 
 from test_launch import TRAINS, launch  # noqa: F401 - the fixture
-from testkit import WARM_BASE, WARM_RUN, assert_policy_gradient_ran
+from testkit import WARM_BASE, WARM_RUN, assert_policy_gradient_ran, wait_for_run
 
 ATOL = 0.0
 STEPS = ["learner.steps=6", "learner.checkpoint_every=2", "learner.keep_checkpoints=2", "task.eval_size=4",
@@ -49,13 +47,7 @@ def final_weights(run_dir):
 
 
 def wait_for(pred, timeout_s: float, run, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if run.proc.poll() is not None:
-            pytest.fail(f"launch exited with {run.proc.returncode} before {what}:\n{run.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout_s:.0f}s:\n{run.output()[-3000:]}")
-        time.sleep(0.1)
+    wait_for_run(pred, timeout_s, run, what, poll_s=0.1)
 
 
 def test_sigkill_learner_then_resume_matches_uninterrupted(launch):

@@ -13,19 +13,13 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from testkit import free_port  # noqa: E402
+from testkit import one_gloo_rank  # noqa: E402
 from test_fsdp_equivalence import make_batch  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def group():
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+group = pytest.fixture(scope="module")(one_gloo_rank)
 
 
 def build(model_dir):
