@@ -150,7 +150,9 @@ def one_gloo_rank():
     import torch
     import torch.distributed as dist
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    torch.set_num_threads(threads)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from asyncrl.config import load_config
 from asyncrl.generator.worker import build_engine, run_prompts
@@ -27,7 +26,7 @@ from asyncrl.learner.main import build_policy
 from asyncrl.wire.codec import decode_checked, encode, trajectory_arrays
 from asyncrl.wire.schema import PromptGroup, Prompts, TrajectoryGroup
 
-from testkit import free_port, make_tiny_model
+from testkit import make_tiny_model, one_gloo_rank
 
 ATOL = 1e-5
 PROMPTS = ["1+2=", "417+385+296=", "9=", "12+345+6="]  # different lengths: left padding in the engine
@@ -35,14 +34,7 @@ N = 3  # answers per prompt
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
+one_rank = pytest.fixture(scope="module")(one_gloo_rank)
 
 
 @pytest.fixture(scope="module")

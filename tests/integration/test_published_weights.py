@@ -10,7 +10,6 @@ still hold v1's bytes."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import pytest
 
 from asyncrl.config import load_config
@@ -18,17 +17,10 @@ from asyncrl.learner.checkpoint import full_state_dict
 from asyncrl.learner.hub import RolloutHub
 from asyncrl.learner.main import build_policy, publishable
 
-from testkit import free_port
+from testkit import one_gloo_rank
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
+one_rank = pytest.fixture(scope="module")(one_gloo_rank)
 
 
 class RecordingEndpoint:
