@@ -16,17 +16,20 @@ from asyncrl.learner.hub import Group
 
 @dataclass
 class Batch:
-    """S samples, right-padded to length L (prompt + response - 1)."""
+    """S samples, right-padded to length L (prompt + response - 1). A multi-turn
+    response's environment tokens are in ``input_ids`` only (context): no target, no
+    behaviour log-prob, no version, as for the prompt."""
 
     input_ids: Tensor  # (S, L) int64
-    targets: Tensor  # (S, L) int64, the next token at response positions, IGNORE_INDEX elsewhere
-    behaviour_logprobs: Tensor  # (S, L) float32, the generator's sampled log-probs
+    targets: Tensor  # (S, L) int64, the next token where the model sampled it, IGNORE_INDEX elsewhere
+    behaviour_logprobs: Tensor  # (S, L) float32, the generator's sampled log-probs (0 elsewhere)
     versions: Tensor  # (S, L) int64, policy version that sampled each target token (-1 elsewhere)
     advantages: Tensor  # (S,) float32
     rewards: Tensor  # (S,) float32
 
     @property
     def mask(self) -> Tensor:
+        """The tokens the model sampled: the only ones trained on, selected or counted."""
         return self.targets != IGNORE_INDEX
 
     def rows(self, sl: slice) -> "Batch":
@@ -54,9 +57,12 @@ def build_batch(groups: list[Group], pad_id: int, scale_advantages: bool) -> Bat
         P, R = len(prompt), len(s.token_ids)
         ids[i, : P + R - 1] = seq[:-1]
         resp = slice(P - 1, P - 1 + R)  # position t predicts token t + 1
-        tgt[i, resp] = seq[P:]
-        blp[i, resp] = torch.from_numpy(s.logprobs.astype("float32"))
-        ver[i, resp] = torch.from_numpy(s.versions.astype("int64"))
+        # environment tokens are context (in input_ids) but never targets: every selection,
+        # aggregation and normaliser derives from mask = targets != IGNORE_INDEX
+        model = torch.from_numpy(s.model_mask())
+        tgt[i, resp] = torch.where(model, seq[P:], IGNORE_INDEX)
+        blp[i, resp] = torch.where(model, torch.from_numpy(s.logprobs.astype("float32")), 0.0)
+        ver[i, resp] = torch.where(model, torch.from_numpy(s.versions.astype("int64")), -1)
     return Batch(ids, tgt, blp, ver, advantages, rewards.reshape(-1))
 
 

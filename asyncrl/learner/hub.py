@@ -44,7 +44,19 @@ class Group:
 
     @property
     def oldest_version(self) -> int:
-        return min(int(s.versions.min()) for s in self.samples if len(s.versions))
+        """The oldest policy version that sampled one of its tokens (model tokens only:
+        an environment token's version is -1, it was not sampled)."""
+        return min(int(s.versions[s.model_mask()].min()) for s in self.samples if s.model_mask().any())
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the model sampled, over all samples (environment tokens are not)."""
+        return sum(int(s.model_mask().sum()) for s in self.samples)
+
+    @property
+    def env_tokens(self) -> int:
+        """Environment (observation) tokens over all samples: context, never trained on."""
+        return sum(len(s.token_ids) for s in self.samples) - self.model_tokens
 
 
 class RolloutHub:
@@ -182,7 +194,7 @@ class RolloutHub:
             self.outstanding.remove(msg.group_id)
             self.buffer.append(group)
             self.gen_busy_s[msg.worker_id] = msg.busy_total_s
-            self.tokens_received += sum(x.num_tokens for x in msg.samples)
+            self.tokens_received += group.model_tokens  # generated: environment tokens were not
         else:
             self.outstanding_eval.remove(msg.group_id)
             self.eval_buffer.append(group)
@@ -204,8 +216,10 @@ class RolloutHub:
             if len(s.versions) and int(s.versions.max()) > self.version:
                 return f"policy version {int(s.versions.max())} is newer than the learner's {self.version}"
             # a log-prob is <= 0 and finite; NaN or +inf would reach the loss and -inf an
-            # importance weight (the wire carries any float32 bit pattern)
-            bad = s.logprobs[~(np.isfinite(s.logprobs) & (s.logprobs <= 0))]
+            # importance weight (the wire carries any float32 bit pattern). The codec has
+            # checked the environment tokens' (0.0, version -1) and the mask itself.
+            lp = s.logprobs[s.model_mask()]
+            bad = lp[~(np.isfinite(lp) & (lp <= 0))]
             if len(bad):
                 return f"log-prob {float(bad[0])} is not a finite value <= 0"
         return ""
@@ -268,8 +282,12 @@ class RolloutHub:
                 continue
             batch.append(group)
         self.dropped_total += dropped
+        samples = sum(len(g.samples) for g in batch)
         return batch, {"async/dropped_groups": dropped, "async/dropped_total": self.dropped_total,
-                       "async/learner_wait_s": time.monotonic() - t0}
+                       "async/learner_wait_s": time.monotonic() - t0,
+                       # multi-turn: observation tokens per sample (context; train/response_length
+                       # counts the model's tokens only)
+                       "train/env_tokens": sum(g.env_tokens for g in batch) / max(samples, 1)}
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Held-out mean@k / pass@k per data_source, each source sampled at its eval
@@ -287,7 +305,9 @@ class RolloutHub:
             return {}
         groups = [self.eval_buffer.popleft() for _ in range(len(self.eval_buffer))]
         problems = [self.eval_problems[-1 - g.msg.group_id] for g in groups]
-        return hub_metrics(problems, [(j, [s.reward for s in g.msg.samples], [s.num_tokens for s in g.msg.samples])
+        # response length = tokens the model sampled, as train/response_length counts them
+        lengths = [[int(s.model_mask().sum()) for s in g.samples] for g in groups]
+        return hub_metrics(problems, [(j, [s.reward for s in g.msg.samples], lengths[j])
                                       for j, g in enumerate(groups)], k) | {"eval/rejected_groups": n - len(groups)}
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:

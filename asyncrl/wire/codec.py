@@ -108,23 +108,40 @@ def decode_checked(frames: list, limits: Limits = Limits()) -> tuple[Message, li
 
 @dataclass
 class SampleArrays:
+    """One sample's response tokens (everything after the prompt, in order). Multi-turn:
+    model turns and environment observations interleaved; ``mask`` tells them apart.
+    An environment token is context only: logprob 0.0 and version -1 (it was not sampled)."""
+
     token_ids: np.ndarray  # int32 [L]
     logprobs: np.ndarray  # float32 [L]
     versions: np.ndarray  # int32 [L]
+    # uint8 [L]: 1 = sampled by the model, 0 = environment (observation) token, context only;
+    # None = every token sampled (single-turn). trajectory_arrays always returns an array.
+    mask: np.ndarray | None = None
+
+    def model_mask(self) -> np.ndarray:
+        """bool [L]: the tokens the model sampled (all of them when ``mask`` is None)."""
+        return np.ones(len(self.token_ids), bool) if self.mask is None else self.mask.astype(bool)
+
+
+_FRAME_DTYPES = ("<i4", "<f4", "<i4", "u1")  # token ids, log-probs, versions, model mask
 
 
 def trajectory_frames(samples: list[SampleArrays]) -> list[bytes]:
+    masks = [np.ones(len(s.token_ids), np.uint8) if s.mask is None else s.mask for s in samples]
     return [
         np.concatenate([s.token_ids for s in samples]).astype("<i4").tobytes(),
         np.concatenate([s.logprobs for s in samples]).astype("<f4").tobytes(),
         np.concatenate([s.versions for s in samples]).astype("<i4").tobytes(),
+        np.concatenate(masks).astype("u1").tobytes(),
     ]
 
 
 def trajectory_arrays(msg: TrajectoryGroup, frames: list) -> list[SampleArrays]:
-    """Zero-copy views of the three frames, split per sample; raises WireError."""
-    if len(frames) != 3:
-        raise WireError(f"trajectory message needs 3 array frames, got {len(frames)}", "frames")
+    """Zero-copy views of the four frames, split per sample (``mask`` always an array);
+    raises WireError."""
+    if len(frames) != len(_FRAME_DTYPES):
+        raise WireError(f"trajectory message needs {len(_FRAME_DTYPES)} array frames, got {len(frames)}", "frames")
     if not msg.samples:
         raise WireError("trajectory message without samples", "arrays")
     if any(s.num_tokens < 0 for s in msg.samples):
@@ -133,19 +150,39 @@ def trajectory_arrays(msg: TrajectoryGroup, frames: list) -> list[SampleArrays]:
     if total == 0:  # no token, no policy version: staleness is undefined
         raise WireError("trajectory message without tokens", "arrays")
     arrays = []
-    for frame, dtype in zip(frames, ("<i4", "<f4", "<i4")):
-        buf = memoryview(frame)
-        if buf.nbytes != 4 * total:
-            raise WireError(f"array frame of {buf.nbytes} bytes, header declares {total} x 4", "arrays")
+    for frame, dtype in zip(frames, _FRAME_DTYPES):
+        buf, size = memoryview(frame), np.dtype(dtype).itemsize
+        if buf.nbytes != size * total:
+            raise WireError(f"array frame of {buf.nbytes} bytes, header declares {total} x {size}", "arrays")
         arrays.append(np.frombuffer(buf, dtype=dtype))
-    if arrays[2].min() < 0:
-        raise WireError("negative policy version in the version frame", "values")
+    starts = np.cumsum([0] + [s.num_tokens for s in msg.samples[:-1]])
+    _check_mask(*arrays[1:], starts[[s.num_tokens > 0 for s in msg.samples]])
     out, start = [], 0
     for s in msg.samples:
         end = start + s.num_tokens
         out.append(SampleArrays(*(a[start:end] for a in arrays)))
         start = end
     return out
+
+
+def _check_mask(logprobs: np.ndarray, versions: np.ndarray, mask: np.ndarray, first: np.ndarray) -> None:
+    """The model mask against the other frames (all samples concatenated; ``first``: the
+    offset of each non-empty sample's first token). A model token has a policy version
+    >= 0; an environment token was not sampled: version -1, log-prob 0.0. A response
+    starts with a model token, so every non-empty sample has one and every message a
+    version to measure staleness by."""
+    if int(mask.max()) > 1:
+        raise WireError(f"model mask value {int(mask.max())} (0 or 1 only)", "values")
+    model = mask.astype(bool)
+    if (versions[model] < 0).any():
+        raise WireError("negative policy version on a model token", "values")
+    env = ~model
+    if (versions[env] != -1).any():
+        raise WireError("environment token with a policy version (must be -1)", "values")
+    if (logprobs[env] != 0.0).any():  # NaN included
+        raise WireError("environment token with a sampled log-prob (must be 0.0)", "values")
+    if not model[first].all():
+        raise WireError("a sample's response starts with an environment token", "values")
 
 
 # ----------------------------------------------------------------- weights

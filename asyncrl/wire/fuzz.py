@@ -22,8 +22,8 @@ import numpy as np
 
 from asyncrl.wire.codec import Limits
 from asyncrl.wire.schema import (
-    DOWNSTREAM, MAX_DIMS, MAX_SAMPLES, MAX_TOKENS, UPSTREAM, WEIGHT_DTYPES, Hello, Message, PromptGroup, Prompts,
-    SampleMeta, Shutdown, TensorMeta, TrajectoryGroup, WeightUpdate,
+    DOWNSTREAM, MAX_DIMS, MAX_SAMPLES, MAX_TOKENS, PROTOCOL_VERSION, UPSTREAM, WEIGHT_DTYPES, Hello, Message,
+    PromptGroup, Prompts, SampleMeta, Shutdown, TensorMeta, TrajectoryGroup, WeightUpdate,
 )
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -63,9 +63,35 @@ def _valid_trajectory(r: random.Random) -> tuple[Message, list[bytes]]:
                           prompt_ids=_ints(r, r.randrange(0, 40), 2**17),
                           samples=[SampleMeta(n, r.uniform(-1, 1), r.choice(["stop", "length"])) for n in lengths],
                           purpose=r.choice(["train", "eval"]), gen_seconds=r.uniform(0, 10))
-    frames = [r.randbytes(4 * total), r.randbytes(4 * total),  # any bit pattern is a legal token id / log-prob
-              (np.frombuffer(r.randbytes(4 * total), "<i4") & 0x7FFFFFFF).tobytes()]  # versions >= 0
+    mask = _model_mask(r, lengths)
+    logprobs = np.frombuffer(r.randbytes(4 * total), "<f4").copy()  # any bit pattern is a legal log-prob
+    versions = np.frombuffer(r.randbytes(4 * total), "<i4") & 0x7FFFFFFF  # versions >= 0
+    logprobs[mask == 0], versions[mask == 0] = 0.0, -1  # environment tokens: not sampled
+    frames = [r.randbytes(4 * total), logprobs.tobytes(), versions.astype("<i4").tobytes(), mask.tobytes()]
     return msg, frames
+
+
+def _model_mask(r: random.Random, lengths: list[int]) -> np.ndarray:
+    """uint8 model mask of samples of ``lengths``: single-turn (all ones) or model turns
+    and environment observations alternating, every non-empty sample starting with a
+    model turn."""
+    out = []
+    for n in lengths:
+        m = np.ones(n, np.uint8)
+        if r.random() < 0.5:
+            at, model = 0, True
+            while at < n:
+                run = r.randrange(1, 9)
+                m[at:at + run] = model
+                at, model = at + run, not model
+        out.append(m)
+    return np.concatenate(out)
+
+
+def _first_tokens(msg: TrajectoryGroup) -> list[int]:
+    """Offsets of the non-empty samples' first tokens in the concatenated frames."""
+    starts = np.cumsum([0] + [s.num_tokens for s in msg.samples[:-1]])
+    return [int(a) for a, s in zip(starts, msg.samples) if s.num_tokens]
 
 
 def _valid_weights(r: random.Random) -> tuple[Message, list[bytes]]:
@@ -188,13 +214,14 @@ def _frame_mismatch(r: random.Random, msg: Message, frames: list[bytes]) -> tupl
         return "extra_frame", frames + [r.randbytes(r.randrange(0, 16)) for _ in range(r.randrange(1, 4))], msg
     if isinstance(msg, TrajectoryGroup):
         what = r.choice(["missing_frames", "extra_frame", "short_frame", "long_frame", "huge_length",
-                         "sum_mismatch", "zero_tokens", "negative_version"])
+                         "sum_mismatch", "zero_tokens", "negative_version", "mask_value", "env_version",
+                         "env_logprob", "starts_with_env"])
         if what == "missing_frames":
-            return what, frames[: r.randrange(0, 3)], msg
+            return what, frames[: r.randrange(0, 4)], msg
         if what == "extra_frame":
             return what, frames + [r.randbytes(4 * r.randrange(0, 8))], msg
         if what in ("short_frame", "long_frame"):
-            i, k = r.randrange(3), r.randrange(1, 9)
+            i, k = r.randrange(4), r.randrange(1, 9)
             fr = list(frames)
             fr[i] = fr[i][:-k] if what == "short_frame" else fr[i] + r.randbytes(k)
             return what, fr, msg
@@ -207,10 +234,8 @@ def _frame_mismatch(r: random.Random, msg: Message, frames: list[bytes]) -> tupl
             return what, frames, msgspec.structs.replace(msg, samples=samples)
         if what == "zero_tokens":
             zero = [SampleMeta(0, s.reward, s.finish_reason) for s in samples]
-            return what, [b"", b"", b""], msgspec.structs.replace(msg, samples=zero)
-        versions = np.frombuffer(frames[2], "<i4").copy()
-        versions[r.randrange(len(versions))] = r.choice([-1, -(2**31)])
-        return what, [frames[0], frames[1], versions.tobytes()], msg
+            return what, [b"", b"", b"", b""], msgspec.structs.replace(msg, samples=zero)
+        return _mask_mismatch(r, what, msg, frames)
     if isinstance(msg, WeightUpdate):
         what = r.choice(["frame_count", "size_mismatch", "numel_overflow", "absurd_extent"])
         if what == "frame_count" or not msg.tensors:
@@ -229,6 +254,29 @@ def _frame_mismatch(r: random.Random, msg: Message, frames: list[bytes]) -> tupl
             metas[i], fr[i] = TensorMeta(m.name, m.dtype, [2**40, 2**40, 0]), b""
         return what, fr, WeightUpdate(version=msg.version, tensors=metas)
     return None
+
+
+def _mask_mismatch(r: random.Random, what: str, msg: TrajectoryGroup,
+                   frames: list[bytes]) -> tuple[str, list[bytes], Message]:
+    """Frames of the right sizes whose model mask disagrees with the versions or log-probs
+    (or with itself): each rule of ``codec._check_mask`` broken once."""
+    lp = np.frombuffer(frames[1], "<f4").copy()
+    versions = np.frombuffer(frames[2], "<i4").copy()
+    mask = np.frombuffer(frames[3], "u1").copy()
+    model, env = np.flatnonzero(mask == 1), np.flatnonzero(mask == 0)
+    if what == "env_version" and len(env):  # an observation token claiming a policy version
+        versions[r.choice(env)] = r.choice([0, 1, 7, 2**31 - 1, -2])
+    elif what == "env_logprob" and len(env):  # an observation token claiming a sampled log-prob
+        lp[r.choice(env)] = r.choice([-0.5, -1e-30, float("nan"), float("-inf"), 1.0])
+    elif what == "starts_with_env":  # otherwise consistent: log-prob 0.0 and version -1
+        i = r.choice(_first_tokens(msg))
+        mask[i], lp[i], versions[i] = 0, 0.0, -1
+    elif what == "mask_value":
+        mask[r.randrange(len(mask))] = r.randrange(2, 256)
+    else:  # negative_version (or a mutation with no environment token to mutate): a model token's
+        what = "negative_version"
+        versions[r.choice(model)] = r.choice([-1, -(2**31)])
+    return what, [frames[0], lp.tobytes(), versions.tobytes(), mask.tobytes()], msg
 
 
 def invalid_case(r: random.Random, kinds: tuple[type, ...], limits: Limits) -> Case:
@@ -272,7 +320,7 @@ def invalid_case(r: random.Random, kinds: tuple[type, ...], limits: Limits) -> C
         return Case(what, [head] + [b""] * limits.max_frames, False)
     d = msgspec.to_builtins(msg)
     if what == "wrong_version":
-        d["proto"] = r.choice([0, 2, -1, 255, 2**40, -(2**63)])
+        d["proto"] = r.choice([v for v in (0, 1, 2, 3, -1, 255, 2**40, -(2**63)) if v != PROTOCOL_VERSION])
     elif what == "unknown_kind":
         d["kind"] = r.choice(["pickle", "__class__", "", "Hello", "exec", r.randbytes(4).hex()])
         assert d["kind"] not in _TAGS

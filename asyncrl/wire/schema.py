@@ -18,7 +18,9 @@ from typing import Annotated, Literal, get_args
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: TrajectoryGroup gained a fourth array frame (the model mask, multi-turn): a peer
+# with another frame layout is refused at its Hello, not message by message
+PROTOCOL_VERSION = 2
 
 MAX_SAMPLES = 4096  # answers per prompt (Prompts.n, TrajectoryGroup.samples)
 MAX_TOKENS = 1 << 20  # tokens in one prompt or one answer
@@ -84,8 +86,11 @@ class SampleMeta(msgspec.Struct, forbid_unknown_fields=True):
 
 class TrajectoryGroup(_Msg, tag="trajectories"):
     """Generator -> learner: one prompt group's samples. Frames after the header:
-    token ids (int32), sampled log-probs (float32) and per-token policy versions
-    (int32) of all samples concatenated; ``samples[i].num_tokens`` splits them."""
+    token ids (int32), sampled log-probs (float32), per-token policy versions (int32)
+    and the model mask (uint8: 1 = sampled by the model, 0 = an environment token,
+    context only, with log-prob 0.0 and version -1) of all samples concatenated;
+    ``samples[i].num_tokens`` (model and environment tokens) splits them. A non-empty
+    sample starts with a model token."""
 
     group_id: Int64
     worker_id: Count

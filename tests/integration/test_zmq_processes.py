@@ -28,8 +28,11 @@ def make_samples(seed: int) -> list[SampleArrays]:
         lp = rng.standard_normal(n).astype(np.float32)
         if n >= 4:
             lp[:4] = [-np.inf, -0.0, np.float32(1e-45), np.nan]  # -inf, signed zero, subnormal, NaN
-        out.append(SampleArrays(rng.integers(-2**31, 2**31 - 1, n, dtype=np.int32), lp,
-                                rng.integers(0, 1000, n, dtype=np.int32)))
+        versions, mask = rng.integers(0, 1000, n, dtype=np.int32), None
+        if n >= 8:  # multi-turn: an observation (context only: log-prob 0.0, version -1) after a model turn
+            mask = np.ones(n, np.uint8)
+            mask[5:8], lp[5:8], versions[5:8] = 0, 0.0, -1
+        out.append(SampleArrays(rng.integers(-2**31, 2**31 - 1, n, dtype=np.int32), lp, versions, mask))
     return out
 
 
@@ -109,6 +112,9 @@ def test_trajectory_and_weights_round_trip_between_processes():
             for field in ("token_ids", "logprobs", "versions"):
                 a, b = getattr(e, field), getattr(r, field)
                 assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field
+            want = np.ones(len(e.token_ids), np.uint8) if e.mask is None else e.mask  # None: all model tokens
+            assert r.mask.dtype == np.uint8 and r.mask.tobytes() == want.tobytes()
+        assert any(e.mask is not None for e in expected) and any(e.mask is None for e in expected)
 
         learner.sock.send_multipart([peer, b"garbage before the weights"])
         for version, wseed in ((1, 5), (2, 6)):  # two updates: the link keeps working

@@ -123,11 +123,13 @@ def test_trajectory_frame_mismatches_are_rejected():
     lengths = [3, 2]
     head, frames = traj_header(lengths), trajectory_frames(samples(lengths))
     with pytest.raises(WireError, match="header declares"):
-        trajectory_arrays(head, [frames[0], frames[1][:-4], frames[2]])  # one log-prob short
+        trajectory_arrays(head, [frames[0], frames[1][:-4], *frames[2:]])  # one log-prob short
     with pytest.raises(WireError, match="header declares"):
-        trajectory_arrays(head, [frames[0] + b"\0\0\0\0", frames[1], frames[2]])
-    with pytest.raises(WireError, match="3 array frames"):
-        trajectory_arrays(head, frames[:2])
+        trajectory_arrays(head, [frames[0] + b"\0\0\0\0", *frames[1:]])
+    with pytest.raises(WireError, match="header declares 5 x 1"):
+        trajectory_arrays(head, [*frames[:3], frames[3][:-1]])  # one mask byte short
+    with pytest.raises(WireError, match="4 array frames"):
+        trajectory_arrays(head, frames[:3])  # a protocol-1 message: no mask frame
     with pytest.raises(WireError):  # lengths that sum right but one is negative
         trajectory_arrays(traj_header([7, -2]), frames)
 
@@ -201,7 +203,7 @@ def test_hub_drops_a_malformed_trajectory_and_keeps_collecting(link):
     hub.version = 100
     lengths = [2, 3]
     frames = trajectory_frames(valid_samples(lengths))
-    gen.send(traj_header(lengths), [frames[0], frames[1][:-4], frames[2]])  # a log-prob short
+    gen.send(traj_header(lengths), [frames[0], frames[1][:-4], *frames[2:]])  # a log-prob short
     gen.send(traj_header(lengths), frames)
     assert hub._wait_for(hub.buffer, 1)
     group = hub.buffer.popleft()

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -67,7 +68,11 @@ def test_codec_bit_flips_raise_only_wire_errors(side):
         if isinstance(msg, TrajectoryGroup):
             arrays = trajectory_arrays(msg, rest)
             assert [len(a.token_ids) for a in arrays] == [s.num_tokens for s in msg.samples]
-            assert all((a.versions >= 0).all() for a in arrays)
+            for a in arrays:  # a model token has a version, an environment token none and no log-prob
+                model = a.mask == 1
+                assert set(np.unique(a.mask)) <= {0, 1} and (not len(a.mask) or model[0])
+                assert (a.versions[model] >= 0).all() and (a.versions[~model] == -1).all()
+                assert (a.logprobs[~model] == 0).all()
         elif isinstance(msg, WeightUpdate):
             for (name, t), meta in zip(weight_tensors(msg, rest), msg.tensors, strict=True):
                 assert name == meta.name and list(t.shape) == meta.shape
