@@ -7,14 +7,20 @@ Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes, to ``--out``
 with every run overlaid (x axis: policy version = training step):
 
 - ``reward.png``: training reward and accuracy per step, held-out accuracy at each evaluation
-- ``entropy.png``: mean policy entropy of the trained tokens
+- ``entropy.png``: mean policy entropy of the trained tokens, and the mean surprisal
+  (-log p) of the sampled tokens where logged
 - ``response_length.png``: mean response length, training samples and held-out
 - ``async.png``: policy lag of the trained samples (mean and max) and groups dropped as too stale
 - ``throughput.png``: generation and training tokens/s
 - ``lpreg.png`` (runs with Lp-Reg metrics): tokens screened and regularised, mean k3 KL
+- the exploration figures of ``asyncrl.report_explore`` where the runs logged their
+  metrics: low-probability sampled tokens, held-out pass@1 / pass@K and the pass@k
+  curve, spark moves by advantage sign
 
 and ``report.md``: per run a config digest, held-out accuracy before and after, wall
-time, steps and throughput, then the figures. Needs matplotlib (``asyncrl[report]``).
+time, steps and throughput, the final exploration values
+(``asyncrl.report_explore.aggregate_markdown``, one run per row), then the figures.
+Needs matplotlib (``asyncrl[report]``).
 """
 
 from __future__ import annotations
@@ -80,7 +86,9 @@ FIGURES = [
         ("Held-out problems", "accuracy (fraction correct)", [("eval/accuracy", "held-out accuracy", "o-")]),
     ]),
     ("entropy.png", "Policy entropy", [
-        ("Trained tokens", "entropy (nats / token)", [("train/entropy", "entropy", "-")]),
+        ("Trained tokens", "entropy (nats / token)", [("train/entropy", "entropy of pi_old", "-"),
+                                                      ("explore/sampled_token_nll", "-log p of the sampled token",
+                                                       ":")]),
     ]),
     ("response_length.png", "Response length", [
         ("Training samples", "tokens / response", [("train/response_length", "training", "-")]),
@@ -210,6 +218,8 @@ def num(x: float, fmt: str = "{:.0f}") -> str:
 
 
 def markdown(runs: list[Run], figures: list[str]) -> str:
+    from asyncrl.report_explore import aggregate_markdown, default_metrics  # it imports Run from here
+
     lines = ["# asyncrl run report", "", "| run | steps | held-out before | after | wall time | s / step | "
              "gen tok/s | train tok/s | trained samples/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
@@ -222,6 +232,8 @@ def markdown(runs: list[Run], figures: list[str]) -> str:
               "after: the last evaluation); wall time from the learner's first metric to its last; tokens/s are "
               "means over steps (generation: while the generators were busy).", "", "## Configs", ""]
     lines += [f"- **{run.name}** (`{run.path}`): {digest(run.config)}" for run in runs]
+    if any(k.startswith(("explore/", "eval/pass@")) for k in default_metrics(runs)):
+        lines += ["", "## Final values", "", aggregate_markdown({run.name: [run] for run in runs})]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -231,7 +243,12 @@ def write_report(run_dirs: list[str], out: str | None = None) -> Path:
     unique_names(runs)
     out_dir = Path(out) if out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = [name for name, title, panels in FIGURES if plot_figure(runs, out_dir / name, title, panels)]
+    from asyncrl import report_explore  # it imports Run from here
+
+    specs = FIGURES + report_explore.figures(runs)
+    figures = [name for name, title, panels in specs if plot_figure(runs, out_dir / name, title, panels)]
+    if report_explore.plot_pass_curve(runs, out_dir / "pass_curve.png"):
+        figures.append("pass_curve.png")
     (out_dir / "report.md").write_text(markdown(runs, figures))
     return out_dir
 

@@ -5,6 +5,11 @@ Models Trained on Code"): with n samples of which c are correct,
 ``pass@k = 1 - C(n-c, k) / C(n, k)``. When n == k (what ``asyncrl.eval`` draws) it is
 simply "any of the k samples is correct". mean@k is the fraction of correct samples
 (the expected accuracy of one sample). A sample is correct when its reward is 1.
+
+From the same k samples per problem, pass@j is also reported for every j in
+:func:`pass_ks` (1, 2, 4, 8, ... up to k, and k itself): one evaluation with k = 16 at
+T = 1 gives the whole pass@j curve, whose large-j end is where RL's "narrowing" shows
+(pass@1 rises while pass@16 can fall below the base model's). pass@1 equals mean@k.
 """
 
 from __future__ import annotations
@@ -22,21 +27,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def pass_ks(k: int) -> list[int]:
+    """The j of the reported pass@j: the powers of two up to k, and k."""
+    return sorted({1 << i for i in range(k.bit_length()) if 1 << i <= k} | {k})
+
+
 def mean_at_k(correct: Sequence[bool]) -> float:
     return sum(map(bool, correct)) / len(correct)
 
 
 def summarize(by_source: Mapping[str, Sequence[Sequence[bool]]], k: int) -> dict:
-    """``{source: [[correct per sample] per problem]}`` -> per-source mean@k and pass@k
-    (averaged over problems) and their unweighted average over sources."""
+    """``{source: [[correct per sample] per problem]}`` -> per-source mean@k and pass@j for
+    every j in ``pass_ks(k)`` (averaged over problems), and their unweighted average over
+    sources. Every problem needs at least k samples."""
     per = {}
+    names = [f"mean@{k}", *(f"pass@{j}" for j in pass_ks(k))]
     for source, problems in sorted(by_source.items()):
-        per[source] = {
-            "problems": len(problems),
-            f"mean@{k}": sum(mean_at_k(c) for c in problems) / len(problems),
-            f"pass@{k}": sum(pass_at_k(len(c), sum(map(bool, c)), k) for c in problems) / len(problems),
-        }
-    avg = {m: sum(v[m] for v in per.values()) / len(per) for m in (f"mean@{k}", f"pass@{k}")} if per else {}
+        per[source] = {"problems": len(problems), f"mean@{k}": sum(mean_at_k(c) for c in problems) / len(problems)}
+        for j in pass_ks(k):
+            per[source][f"pass@{j}"] = sum(pass_at_k(len(c), sum(map(bool, c)), j) for c in problems) / len(problems)
+    avg = {m: sum(v[m] for v in per.values()) / len(per) for m in names} if per else {}
     return {"k": k, "sources": per, "average": avg}
 
 

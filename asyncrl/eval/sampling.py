@@ -105,7 +105,8 @@ def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, bat
 def hub_metrics(problems: Sequence[Problem], results: Sequence[tuple[int, list[float], list[int]]], k: int) -> dict:
     """Metrics of the learner's periodic evaluation from ``(problem index, sample rewards,
     sample lengths)`` per problem: eval/accuracy, eval/reward_mean, eval/response_length
-    over all samples, and mean@k / pass@k per source and averaged."""
+    over all samples, and mean@k and pass@j (j = 1, 2, 4, ... up to k, and k:
+    ``asyncrl.eval.metrics.pass_ks``) per source and averaged."""
     from asyncrl.eval.metrics import flat_metrics
 
     rewards: list[list[float]] = [[] for _ in problems]

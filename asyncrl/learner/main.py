@@ -25,6 +25,7 @@ from asyncrl.data import build_eval_problems, build_train_source
 from asyncrl.learner.batch import Batch, broadcast_batch, build_batch, save_batch
 from asyncrl.learner.checkpoint import full_state_dict, save_hf_checkpoint
 from asyncrl.learner.cores import CoreLender
+from asyncrl.learner.exploration import exploration_metrics
 from asyncrl.learner.fsdp import parallelize
 from asyncrl.learner.hub import RolloutHub
 from asyncrl.learner.policy import Policy
@@ -90,6 +91,8 @@ def train(cfg: Config, policy: Policy, opt, hub: RolloutHub | None, metrics: Met
         if rank0 and cfg.debug.record_batches:
             save_batch(batch, Path(cfg.run.dir) / "batches" / f"step_{step}.safetensors")
         stats |= batch_metrics(batch, version)
+        if rank0:  # explore/*: sampled-token probabilities, spark moves (only rank 0 has the groups)
+            stats |= exploration_metrics(batch, groups, tok)
         if stats["async/lag_max"] > lc.max_staleness:  # next_batch drops these: this is a bug guard
             raise RuntimeError(f"trained sample with lag {stats['async/lag_max']} > max_staleness {lc.max_staleness}")
         t1 = time.time()

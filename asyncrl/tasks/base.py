@@ -1,7 +1,14 @@
-"""Task registry: a task yields problems (prompt text + ground truth) and scores answers."""
+"""Task registry: a task yields problems (prompt text + ground truth) and scores answers.
+
+A task may also designate "spark" moves (:func:`register_sparks`): named regexes over
+the decoded answer text (a backtrack, a check step, ...) whose frequency in the sampled
+answers the learner reports every step (``asyncrl.learner.exploration``).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -68,10 +75,59 @@ def verify(data_source: str, response: str, ground_truth: str) -> float:
     return find_verifier(data_source)(response, ground_truth)
 
 
+# ---------------------------------------------------------------- spark moves
+# Keyed like the verifiers: an exact data_source, else the first registered prefix it
+# starts with. A source with neither has no sparks (nothing is reported, not an error).
+_SPARKS: dict[str, dict[str, re.Pattern]] = {}
+_SPARK_PREFIXES: list[tuple[str, dict[str, re.Pattern]]] = []
+# a spark name becomes part of a metric name (explore/spark/<name>/...)
+_SPARK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _compile_sparks(patterns: Mapping[str, str | re.Pattern]) -> dict[str, re.Pattern]:
+    if not patterns:
+        raise ValueError("register at least one spark pattern")
+    out = {}
+    for name, pattern in patterns.items():
+        if not _SPARK_NAME.fullmatch(name):
+            raise ValueError(f"spark name {name!r} must match [A-Za-z0-9_.-]+ (it becomes a metric name)")
+        rx = re.compile(pattern)
+        if rx.search(""):  # would "occur" in every answer, however empty: a typo, not a move
+            raise ValueError(f"spark {name!r}: pattern {rx.pattern!r} matches the empty string")
+        out[name] = rx
+    return out
+
+
+def register_sparks(data_source: str, patterns: Mapping[str, str | re.Pattern]) -> None:
+    """Designate the spark moves of ``data_source``: ``{name: regex}``, a regex given as
+    a string (``re.compile``d; flags inline, e.g. ``(?i)``) or a compiled pattern. An
+    answer "contains" a spark when ``pattern.search(text)`` finds it in the decoded
+    answer (``skip_special_tokens=True``, model tokens only); its occurrences are the
+    non-overlapping matches of ``pattern.finditer(text)``."""
+    if data_source in _SPARKS:
+        raise ValueError(f"sparks for data_source {data_source!r} are registered twice")
+    _SPARKS[data_source] = _compile_sparks(patterns)
+
+
+def register_sparks_prefix(prefix: str, patterns: Mapping[str, str | re.Pattern]) -> None:
+    """The same for every data_source starting with ``prefix`` (an exact entry wins)."""
+    if any(pre == prefix for pre, _ in _SPARK_PREFIXES):
+        raise ValueError(f"sparks for prefix {prefix!r} are registered twice")
+    _SPARK_PREFIXES.append((prefix, _compile_sparks(patterns)))
+
+
+def find_sparks(data_source: str) -> dict[str, re.Pattern]:
+    """The spark patterns of ``data_source`` by name ({} when the task defines none)."""
+    if data_source in _SPARKS:
+        return _SPARKS[data_source]
+    return next((p for pre, p in _SPARK_PREFIXES if data_source.startswith(pre)), {})
+
+
 def build_task(name: str, **kwargs) -> Task:
     from asyncrl.tasks.arith import ArithTask
+    from asyncrl.tasks.calc_tool import CalcToolTask
 
-    tasks = {"arith": ArithTask}
+    tasks = {"arith": ArithTask, "calc_tool": CalcToolTask}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
     return tasks[name](**kwargs)
