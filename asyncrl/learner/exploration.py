@@ -135,3 +135,16 @@ def exploration_metrics(batch: Batch, groups: Sequence[Group], tok,
     advantages = batch.advantages.to(torch.float64).tolist()
     answers = [Answer(t, src, a, n) for t, src, a, n in zip(answer_texts(groups, tok), sources, advantages, tokens)]
     return out | spark_metrics(answers, find)
+
+
+def eval_spark_metrics(groups: Sequence[Group], tok,
+                       find: Callable[[str], dict[str, re.Pattern]] = find_sparks) -> dict[str, float]:
+    """Spark frequencies in held-out answers: ``eval/spark/<name>/frac`` and ``per_1k_tokens``
+    (no advantage there, so no split by sign); {} when no source defines sparks."""
+    sources = [g.msg.data_source for g in groups for _ in g.samples]
+    if not any(find(src) for src in set(sources)):
+        return {}
+    tokens = [int(s.model_mask().sum()) for g in groups for s in g.samples]
+    answers = [Answer(t, src, 0.0, n) for t, src, n in zip(answer_texts(groups, tok), sources, tokens)]
+    return {k.replace("explore/spark/", "eval/spark/", 1): v for k, v in spark_metrics(answers, find).items()
+            if not k.endswith(("/frac_adv_zero", "/frac_adv_pos", "/frac_adv_neg"))}

@@ -307,8 +307,11 @@ class RolloutHub:
         problems = [self.eval_problems[-1 - g.msg.group_id] for g in groups]
         # response length = tokens the model sampled, as train/response_length counts them
         lengths = [[int(s.model_mask().sum()) for s in g.samples] for g in groups]
+        from asyncrl.learner.exploration import eval_spark_metrics  # imports this module's Group
+
         return hub_metrics(problems, [(j, [s.reward for s in g.msg.samples], lengths[j])
-                                      for j, g in enumerate(groups)], k) | {"eval/rejected_groups": n - len(groups)}
+                                      for j, g in enumerate(groups)], k) | {"eval/rejected_groups": n - len(groups)} | (
+            eval_spark_metrics(groups, self.tok))
 
     def publish(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         self.version = version

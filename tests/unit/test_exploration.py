@@ -14,7 +14,8 @@ import torch
 
 from asyncrl.kernels import IGNORE_INDEX
 from asyncrl.learner.batch import Batch, build_batch
-from asyncrl.learner.exploration import Answer, answer_texts, exploration_metrics, spark_metrics, token_metrics
+from asyncrl.learner.exploration import (Answer, answer_texts, eval_spark_metrics, exploration_metrics, spark_metrics,
+                                         token_metrics)
 from asyncrl.learner.hub import Group
 from asyncrl.tasks.base import find_sparks, register_sparks, register_sparks_prefix
 from asyncrl.tasks.tokenizer import ASCII, build_char_tokenizer
@@ -166,3 +167,14 @@ def test_answer_texts_keep_model_tokens_only():
     """A multi-turn sample: its environment tokens (mask 0) never reach the spark counter."""
     g = group(0, "x", ["ab[retry]cd", "ok"], [1.0, 0.0], masks=[[1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1]])
     assert answer_texts([g], TOK) == ["abcd", "ok"]
+
+
+def test_eval_spark_metrics_count_held_out_answers_without_a_sign_split():
+    register_sparks("test-explore/eval", {"retry": "retry"})
+    groups = [group(-1, "test-explore/eval", ["retry 2", "2"], [1.0, 0.0]),
+              group(-2, "test-explore/eval", ["retry retry", "7"], [0.0, 0.0])]
+    m = eval_spark_metrics(groups, TOK)
+    assert m["eval/spark/retry/frac"] == 2 / 4
+    assert m["eval/spark/retry/per_1k_tokens"] == pytest.approx(1000 * 3 / ((8 + 2) + (12 + 2)))
+    assert not any("adv" in k for k in m) and not any(k.startswith("explore/") for k in m)
+    assert eval_spark_metrics([group(-3, "test-no-sparks/none", ["retry"], [1.0])], NoDecode()) == {}
