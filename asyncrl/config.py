@@ -53,13 +53,15 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     """The built-in problem source when no data files are given: ``arith`` (3-term
-    addition, the quickstart) or ``reasoning_gym`` (asyncrl/tasks/reasoning_gym.py)."""
+    addition, the quickstart), ``reasoning_gym`` (asyncrl/tasks/reasoning_gym.py),
+    ``spark`` (the Lp-Reg testbed, asyncrl/tasks/spark.py; no settings) or ``calc_tool``
+    (``a*b+c`` with a calculator tool, asyncrl/tasks/calc_tool.py; with ``env.type: calc_tool``)."""
 
-    name: Literal["arith", "reasoning_gym"] = "arith"
+    name: Literal["arith", "reasoning_gym", "spark", "calc_tool"] = "arith"
     terms: int = 3
-    """arith: terms per problem."""
+    """arith, calc_tool: terms per problem."""
     digits: int = 3
-    """arith: digits per term."""
+    """arith, calc_tool: digits per term."""
     eval_size: int = 512
     """Held-out problems (a split disjoint from training)."""
     dataset: str | dict[str, float] = "countdown"
@@ -86,7 +88,7 @@ class TaskConfig(_Section):
         if isinstance(self.dataset, dict) and (not self.dataset or min(self.dataset.values()) <= 0):
             raise ValueError("task.dataset: a mix needs at least one dataset and every weight > 0, "
                              "e.g. task.dataset={countdown: 2, chain_sum: 1}")
-        if self.name == "arith" and (self.terms < 2 or self.digits < 1):
+        if self.name in ("arith", "calc_tool") and (self.terms < 2 or self.digits < 1):
             raise ValueError("task.terms must be >= 2 and task.digits >= 1")
 
 
@@ -272,8 +274,9 @@ class LearnerConfig(_Section):
     """Pack several samples into each row of the decoder's input (per-sample position
     ids, block-diagonal attention) instead of padding every row to the longest sample."""
     pack_row_tokens: int = 0
-    """Length of a packed row (0 = the micro-batch's longest sample). Attention cost per
-    row grows with its square on kernels without variable-length support."""
+    """Length of a packed row (at least the longest sample; 0 = a micro-batch's samples
+    all in one row, no padding). With sdpa, attention runs per sample whatever the row
+    width; other attention implementations get a dense block-diagonal mask per row."""
     max_staleness: int = 0
     """0 = strictly on-policy; k = generation may run k versions ahead."""
     off_policy: Literal["decoupled", "tis", "none"] = "decoupled"
@@ -427,6 +430,61 @@ class DebugConfig(_Section):
     (benchmarks/peers.py replays them to time the learner alone)."""
 
 
+class ToolSpec(_Section):
+    """One tool the model may call, written ``START input END``."""
+
+    name: str
+    """A tool of the generator's tool pool (asyncrl.tools: python, calculator)."""
+    start: str
+    """The opening delimiter, e.g. ``<calc>`` (with the built-in character tokenizer: one
+    character of its vocabulary, e.g. ``(``)."""
+    end: str
+    """The closing delimiter: a model turn stops right after it. With the hf or sglang engine
+    it must be one token of the tokenizer (a stop token id); vllm also takes longer ones."""
+
+
+class EnvConfig(_Section):
+    """The environment episodes run in (asyncrl/envs): ``single_turn`` (one answer scored by
+    the task's verifier: every built-in task), ``tools`` (the model calls tools, their
+    output is appended as context, and it samples on) or ``calc_tool`` (the calculator
+    demo's environment, asyncrl/envs/calc.py: ``[expr]`` calls, ``=value`` observations;
+    uses the tool pool settings below, not ``tools``). The token budget of an episode is
+    generator.max_tokens (eval.max_tokens for evaluation): every response token, model and
+    observation."""
+
+    type: Literal["single_turn", "tools", "calc_tool"] = "single_turn"
+    max_turns: int = 4
+    """tools: the most model turns in one episode (single_turn: always 1)."""
+    max_turn_tokens: int = 0
+    """The most tokens of one model turn; 0 = what is left of the episode's budget."""
+    tools: list[ToolSpec] = []
+    """tools: the callable tools and their delimiters."""
+    output_template: str = "{output}"
+    """tools: how a tool's output is appended, ``{output}`` replaced by it (e.g. ``<output>{output}</output>``)."""
+    tool_processes: int = 2
+    """tools: processes of the tool pool (tools run there, off the decode loop)."""
+    tool_timeout_s: float = 5.0
+    """tools: per-call time limit; a call over it returns an error text as its output."""
+    max_output_chars: int = 1000
+    """tools: a tool's output is cut to this many characters."""
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1 or self.max_turn_tokens < 0:
+            raise ValueError("env.max_turns must be >= 1 and env.max_turn_tokens >= 0 (0 = the episode's budget)")
+        if self.type == "single_turn" and self.tools:
+            raise ValueError("env.tools is set but env.type=single_turn never calls tools; set env.type=tools")
+        if self.type == "tools" and not self.tools:
+            raise ValueError("env.type=tools needs at least one tool, e.g. "
+                             "env.tools=[{name: calculator, start: '<calc>', end: '</calc>'}]")
+        for t in self.tools:
+            if not (t.name and t.start and t.end):
+                raise ValueError(f"env.tools: {t.name or '?'} needs a name and non-empty start and end delimiters")
+        if "{output}" not in self.output_template:
+            raise ValueError(f"env.output_template {self.output_template!r} must contain {{output}}")
+        if self.tool_processes < 1 or self.tool_timeout_s <= 0 or self.max_output_chars < 1:
+            raise ValueError("env.tool_processes and env.max_output_chars must be >= 1, env.tool_timeout_s > 0")
+
+
 class Config(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -434,6 +492,7 @@ class Config(_Section):
     data: DataConfig = msgspec.field(default_factory=DataConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
+    env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     algo: AlgoConfig = msgspec.field(default_factory=GRPOConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
@@ -580,6 +639,9 @@ def _struct_for_path(path: list[str]) -> type | None:
     """The Struct type found at a dotted path in Config (None if unknown)."""
     tp: Any = Config
     for part in path:
+        if part.isdigit() and getattr(tp, "__origin__", None) is list:  # an item of a list of sections (env.tools)
+            tp = tp.__args__[0]
+            continue
         fields = {f.name: f.type for f in msgspec.structs.fields(tp)} if isinstance(tp, type) else {}
         if part not in fields:
             return None

@@ -112,9 +112,18 @@ class HFEngine:
         at most half of it is still decoding, so a few long answers do not keep the whole
         batch running. Every row still takes its draw from the sampling stream at every
         step, so the samples do not depend on when rows leave: they are those of decoding
-        the full batch."""
+        the full batch.
+
+        Per-prompt ``params.limits`` end a row at its own limit (``length``); a
+        multi-turn round passes whole contexts, which this engine re-encodes (one
+        prefill per round: it keeps no cache between calls)."""
+        params.check(len(prompts))
+        if params.stop_strings:
+            raise ValueError(f"the hf engine stops on token ids only, not on the strings {params.stop_strings}: "
+                             "use delimiters that are one token each, or generator.engine=vllm")
         rows = [p for p in prompts for _ in range(params.n)]
         B, P, T = len(rows), max(len(p) for p in rows), params.max_tokens
+        cap = torch.tensor([params.limit(i // params.n) for i in range(B)], device=self.device)
         prompt = torch.full((B, P), self.pad_id, dtype=torch.long)
         attn = torch.ones((B, P + T), dtype=torch.long)  # generated positions: always attended
         for i, p in enumerate(rows):  # left padding keeps the last prompt token at column P-1
@@ -126,6 +135,7 @@ class HFEngine:
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
         out_lp = torch.zeros((B, T), dtype=torch.float32, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=self.device)  # by a stop token, not a limit
         live = torch.arange(B, device=self.device)  # the rows in the decoder's batch
         versions: list[int] = []  # of each step (the same for every row)
         cache, cache_version = None, None
@@ -146,7 +156,8 @@ class HFEngine:
             out_lp[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
             tokens[:, t] = tok = tok.masked_fill(done, self.pad_id)
             versions.append(self.version)
-            done |= torch.isin(tok, stop)
+            stopped |= torch.isin(tok, stop) & ~done
+            done |= stopped | (cap <= t + 1)
             remaining = int((~done).sum())
             if remaining == 0:
                 break
@@ -155,17 +166,18 @@ class HFEngine:
                 keep = (~done[live]).nonzero().squeeze(-1)
                 live, step_ids, step_pos = live[keep], step_ids[keep], step_pos[keep]
                 cache.batch_select_indices(keep)
-        return self._completions(tokens, out_lp, versions, done, stop, params.n)
+        return self._completions(tokens, out_lp, versions, stopped, stop, cap, params.n)
 
     @staticmethod
-    def _completions(tokens: Tensor, logprobs: Tensor, versions: list[int], done: Tensor, stop: Tensor,
-                     n: int) -> list[list[Completion]]:
-        """Per prompt, its ``n`` completions: each row up to its first stop token (included)."""
+    def _completions(tokens: Tensor, logprobs: Tensor, versions: list[int], stopped: Tensor, stop: Tensor,
+                     cap: Tensor, n: int) -> list[list[Completion]]:
+        """Per prompt, its ``n`` completions: each row up to its first stop token
+        (included), else up to its limit."""
         steps = len(versions)
         first_stop = torch.isin(tokens[:, :steps], stop).int().argmax(-1)  # the first one wins ties
-        lengths = torch.where(done, first_stop + 1, steps).tolist()
-        gen, lp, done_l = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist(), done.tolist()
-        comps = [Completion(gen[i][: n_i], lp[i][: n_i], versions[: n_i], "stop" if done_l[i] else "length")
+        lengths = torch.where(stopped, first_stop + 1, cap.clamp(max=steps)).tolist()
+        gen, lp, stopped_l = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist(), stopped.tolist()
+        comps = [Completion(gen[i][: n_i], lp[i][: n_i], versions[: n_i], "stop" if stopped_l[i] else "length")
                  for i, n_i in enumerate(lengths)]
         return [comps[j : j + n] for j in range(0, len(comps), n)]
 

@@ -34,6 +34,12 @@ temperatures (:func:`check_logprob_mode`); equal answers mean the server ignores
 temperature. The variable in this process's environment is refused too (an in-process
 engine's scheduler inherits it).
 
+Multi-turn episodes (``asyncrl.envs.runner``) send each turn as one such request with
+the episode's whole context (per-row ``max_new_tokens`` when budgets differ); SGLang's
+radix cache serves the part it computed in the previous turn. Stop strings are refused
+(the in-process engine has no tokenizer): tool delimiters must be single tokens, which
+arrive as ``stop_token_ids``. Weights wait for a turn to finish, and load between turns.
+
 Written against SGLang 0.5.x (``pyproject``: ``sglang>=0.5.9,<0.6``); the payload tests
 (tests/unit/test_sglang_payloads.py) use that version's request and reply formats.
 """
@@ -63,6 +69,11 @@ class SGLangError(RuntimeError):
 
 
 def check_params(params: SamplingParams) -> None:
+    if params.stop_strings:
+        # the in-process engine runs without a tokenizer (skip_tokenizer_init), so it cannot
+        # match text; one-token delimiters arrive as stop_token_ids instead
+        raise ValueError(f"generator.engine=sglang stops on token ids only, not on the strings "
+                         f"{params.stop_strings}: use delimiters that are one token each, or generator.engine=vllm")
     if params.top_p < 1.0:
         raise ValueError(
             "generator.engine=sglang returns log-probs of softmax(logits / T) without top-p "
@@ -74,8 +85,10 @@ def check_params(params: SamplingParams) -> None:
 def build_generate_request(prompts: list[list[int]], params: SamplingParams) -> dict[str, Any]:
     """The ``/generate`` body (also ``Engine.generate``'s keyword arguments): one row per
     sample, prompt-major (``params.n`` copies of each prompt, so the radix cache shares
-    the prompt), sampled-token log-probs only."""
+    the prompt), sampled-token log-probs only. Per-prompt ``params.limits`` (multi-turn
+    rounds) make ``sampling_params`` a list, one per row, as ``GenerateReqInput`` takes."""
     check_params(params)
+    params.check(len(prompts))
     rows = [list(map(int, p)) for p in prompts for _ in range(params.n)]
     sampling = {
         "max_new_tokens": params.max_tokens,
@@ -83,6 +96,9 @@ def build_generate_request(prompts: list[list[int]], params: SamplingParams) -> 
         "top_p": params.top_p,
         "stop_token_ids": list(params.stop_token_ids),
     }
+    if params.limits:
+        per_row = [dict(sampling, max_new_tokens=params.limit(i // params.n)) for i in range(len(rows))]
+        return {"input_ids": rows, "sampling_params": per_row, "return_logprob": True}
     return {"input_ids": rows, "sampling_params": sampling, "return_logprob": True}
 
 

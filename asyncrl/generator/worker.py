@@ -1,9 +1,11 @@
 """The generator role: one process per worker, started by ``asyncrl.launch``.
 
-Takes prompt groups from the learner, samples ``n`` answers per prompt with its
-engine, scores them with the verifier of the row's ``data_source`` and sends one
-``TrajectoryGroup`` per prompt. Weight updates are applied as they arrive, between
-decode steps of a batch in flight (or the batch is resampled with them:
+Takes prompt groups from the learner, runs ``n`` episodes per prompt in the configured
+environment (``env``, asyncrl/envs: single-turn = one answer per sample; with tools, turns
+and tool outputs interleaved) with its engine, scores them (the environment's reward, or
+the verifier of the row's ``data_source``) and sends one ``TrajectoryGroup`` per prompt.
+Weight updates are applied as they arrive, between decode steps of a batch in flight and
+between the turns of its episodes (or the batch is resampled with them:
 ``generator.on_weight_update``); a batch that asks for a newer version than the engine
 has waits for those weights.
 """
@@ -25,9 +27,11 @@ import numpy as np
 import torch
 
 from asyncrl.config import Config, engine_tp_size, from_yaml_file
+from asyncrl.envs import (Environment, Episode, EpisodeLimits, SingleTurnEnv, build_env, build_tools, check_stops,
+                          episode_limits, run_episodes)
 from asyncrl.generator.engine import Engine, GenerationInterrupted, SamplingParams
 from asyncrl.logs import setup_logging
-from asyncrl.rewards import RewardPool, build_reward_pool
+from asyncrl.rewards import RewardPool, build_reward_pool, overlong_penalty
 from asyncrl.wire.codec import SampleArrays, trajectory_frames
 from asyncrl.wire.schema import Hello, Prompts, SampleMeta, Shutdown, TrajectoryGroup, WeightUpdate
 from asyncrl.wire.transport import GeneratorEndpoint
@@ -35,6 +39,7 @@ from asyncrl.wire.weights import WeightReceiver, ZmqWeights, build_receiver, wei
 
 log = logging.getLogger("asyncrl.generator")
 INLINE_REWARDS = RewardPool(processes=0)
+SINGLE_TURN = SingleTurnEnv()
 
 
 def batch_seed(run_seed: int, first_group_id: int, version: int) -> int:
@@ -103,28 +108,43 @@ def build_engine(cfg: Config, worker_id: int) -> tuple[Engine, object]:
 
 
 def run_prompts(engine: Engine, tok, msg: Prompts, worker_id: int, between_steps=None,
-                busy_total_s: float = 0.0, rewards: RewardPool | None = None) -> list[tuple[TrajectoryGroup, list]]:
+                busy_total_s: float = 0.0, rewards: RewardPool | None = None, env: Environment | None = None,
+                limits: EpisodeLimits = EpisodeLimits(), tools=None) -> list[tuple[TrajectoryGroup, list]]:
+    """``msg.n`` episodes per group in ``env`` (default: single-turn, today's one answer
+    per sample), scored, as one ``TrajectoryGroup`` per group. ``msg.max_tokens`` is an
+    episode's budget of response tokens (model and observation)."""
     t0 = time.time()
-    params = SamplingParams(n=msg.n, max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
-                            stop_token_ids=(tok.eos_token_id,))
-    outs = engine.generate([g.prompt_ids for g in msg.groups], params, between_steps=between_steps)
+    params = SamplingParams(n=msg.n, max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p)
+    groups = run_episodes(engine, tok, env or SINGLE_TURN, msg.groups, params, limits, between_steps, tools)
     dt = time.time() - t0
-    items = [(g.data_source, tok.decode(c.token_ids, skip_special_tokens=True), g.ground_truth)
-             for g, comps in zip(msg.groups, outs) for c in comps]
-    scores = iter((rewards or INLINE_REWARDS).rewards(  # a process pool bounds slow math verification
-        items, [len(c.token_ids) for comps in outs for c in comps], msg.max_tokens, train=msg.purpose == "train"))
+    scores = iter(episode_rewards([e for eps in groups for e in eps], tok, rewards or INLINE_REWARDS,
+                                  msg.max_tokens, train=msg.purpose == "train"))
     results = []
-    for g, comps in zip(msg.groups, outs):
+    for g, eps in zip(msg.groups, groups):
         metas, arrays = [], []
-        for c in comps:
-            metas.append(SampleMeta(num_tokens=len(c.token_ids), reward=next(scores), finish_reason=c.finish_reason))
-            arrays.append(SampleArrays(np.asarray(c.token_ids, np.int32), np.asarray(c.logprobs, np.float32),
-                                       np.asarray(c.versions, np.int32)))
+        for e in eps:
+            metas.append(SampleMeta(num_tokens=len(e.token_ids), reward=next(scores), finish_reason=e.finish_reason))
+            arrays.append(SampleArrays(np.asarray(e.token_ids, np.int32), np.asarray(e.logprobs, np.float32),
+                                       np.asarray(e.versions, np.int32), np.asarray(e.mask, np.uint8)))
         header = TrajectoryGroup(group_id=g.group_id, worker_id=worker_id, data_source=g.data_source,
                                  prompt_ids=g.prompt_ids, samples=metas, purpose=msg.purpose, gen_seconds=dt,
                                  busy_total_s=busy_total_s + dt)
         results.append((header, trajectory_frames(arrays)))
     return results
+
+
+def episode_rewards(episodes: list[Episode], tok, pool: RewardPool, max_tokens: int, train: bool) -> list[float]:
+    """Each episode's reward: the environment's own, or the task verifier's (through the
+    pool: a process pool bounds slow math verification) on its answer. The overlong
+    penalty (training only) counts model tokens: observations are not the model's
+    length, and with a single turn every token is the model's, as before."""
+    need = [e for e in episodes if e.reward is None]
+    items = [(e.group.data_source, e.answer if e.answer is not None else tok.decode(e.token_ids,
+              skip_special_tokens=True), e.group.ground_truth) for e in need]
+    verified = iter(pool.rewards(items, [e.model_tokens for e in need], max_tokens, train=train) if need else [])
+    return [next(verified) if e.reward is None
+            else float(e.reward) + (overlong_penalty(e.model_tokens, max_tokens, *pool.overlong) if train else 0.0)
+            for e in episodes]
 
 
 class Worker:
@@ -144,6 +164,9 @@ class Worker:
         self.weights: WeightReceiver = ZmqWeights()  # transport.weights (main sets it)
         self.max_resamples = 0  # times a batch is resampled for new weights: 0 = on_weight_update continue
         self.resampled = 0  # batches abandoned for new weights and sampled again
+        self.env: Environment = SINGLE_TURN  # env.type (main sets it)
+        self.limits = EpisodeLimits()  # env.max_turns, env.max_turn_tokens
+        self.tools = None  # the tool pool of env.type: tools
 
     def handle(self, msg, frames) -> None:
         if isinstance(msg, Shutdown):
@@ -168,7 +191,8 @@ class Worker:
             self.handle(*got)
 
     def generate(self, msg: Prompts) -> list[tuple[TrajectoryGroup, list]]:
-        """One engine batch. New weights arriving mid-batch abandon it (up to
+        """One engine batch (every episode of its groups, all turns). New weights
+        arriving mid-batch (within a turn or between turns) abandon it (up to
         ``max_resamples`` times: generator.on_weight_update restart), and it is sampled
         again from scratch with them, as if it had started after the update (same seed
         rule); after that, or with 0, updates are applied mid-batch.
@@ -191,7 +215,7 @@ class Worker:
 
             try:
                 return run_prompts(self.engine, self.tok, msg, self.worker_id, between_steps, self.busy_s,
-                                   self.rewards)
+                                   self.rewards, self.env, self.limits, self.tools)
             except GenerationInterrupted:
                 self.busy_s += time.time() - t0  # the abandoned work was busy time too
                 self.resampled += 1
@@ -238,13 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     pid_file = Path(args.run_dir) / "logs" / f"generator{args.worker_id}.pid"  # for tests and operators
     pid_file.write_text(f"{os.getpid()}\n")
     worker = Worker(engine, tok, link, args.worker_id, rewards, cfg.debug.generator_batch_delay_s, cfg.run.seed)
+    worker.env, worker.limits = build_env(cfg), episode_limits(cfg)
+    check_stops(worker.env, tok, cfg.generator.engine)
     try:
+        worker.tools = build_tools(cfg)
         worker.weights = build_receiver(cfg, args.run_dir, args.worker_id, urlsplit(args.address).hostname)
         worker.max_resamples = cfg.generator.max_resamples if cfg.generator.on_weight_update == "restart" else 0
         worker.timeline = (Path(args.run_dir) / "logs" / f"generator{args.worker_id}.timeline.jsonl").open("a")
         worker.serve(stop=lambda: bool(stopping))
     finally:
         worker.weights.close()
+        if worker.tools is not None:
+            worker.tools.close()
         rewards.close()
         link.close()
         engine.shutdown()
