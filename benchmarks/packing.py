@@ -4,10 +4,13 @@ packed rows (``learner.packing``) and token-budget micro-batches.
 The real ``train_on_batch`` (one gloo rank, in process) on rollout batches built by
 the real ``build_batch``, whose response lengths span ``--min-len``..``--max-len``
 (uniform, so 10x and more apart). Reports the padding fraction of the decoder's input
-(``perf/padding_frac``) and trained tokens per second (real response tokens / step
-time), median over ``--steps`` timed steps after one warm-up.
+(``perf/padding_frac``, over all steps: exact and deterministic) and trained tokens per
+second (real response tokens / step time), median over ``--steps`` timed steps after
+one warm-up. Packed rows use ``asyncrl.learner.attention`` (one causal sdpa span per
+sample) unless the setup says sdpa: transformers' dense block-diagonal mask.
 
-    PYTHONPATH=. python benchmarks/packing.py            # table + benchmarks/results/packing.json
+    PYTHONPATH=. python benchmarks/packing.py                 # table + benchmarks/results/packing.json
+    PYTHONPATH=. python benchmarks/packing.py --padding-only  # the padding fractions only, no model, seconds
 """
 
 from __future__ import annotations
@@ -65,40 +68,68 @@ def rollout(seed: int, prompts: int, samples: int, lengths: tuple[int, int], voc
     return build_batch(groups, pad_id, True)
 
 
-def measure(model_dir: Path, learner: dict, args) -> dict:
+def make_config(model_dir: Path | str, learner: dict, args):
+    from asyncrl.config import Config
+
+    return msgspec.convert({"model": {"path": str(model_dir)},
+                            "generator": {"samples_per_prompt": args.samples, "max_tokens": args.max_len},
+                            "learner": {"prompts_per_step": args.prompts, "lr": 1e-5, **learner},
+                            "algo": {"type": args.algo}}, Config)
+
+
+def padding(learner: dict, args) -> float:
+    """The decoder input's padding fraction over all steps' batches, as train_on_batch
+    lays them out (the same micro-batches and packed rows), without running a model."""
+    from asyncrl.learner.batch import rank_rows
+    from asyncrl.learner.packing import input_positions, row_lengths
+    from asyncrl.learner.train import micro_batches, pack_capacity
+
+    cfg = make_config("unused", learner, args)
+    real = processed = 0
+    for step in range(args.steps + 1):
+        batch = rollout(step, args.prompts, args.samples, (args.min_len, args.max_len), args.vocab, 0)
+        lengths = row_lengths(batch.targets)
+        rows = rank_rows(batch.input_ids.shape[0], cfg.learner.ppo_mini_batches, 1, 0)
+        micro = [m for r in rows for m in micro_batches(r, lengths, cfg)]
+        n, p = input_positions(lengths, micro, batch.input_ids.shape[1], pack_capacity(cfg))
+        real, processed = real + n, processed + p
+    return 1 - real / processed
+
+
+def measure(model_dir: Path, learner: dict, attention: str | None, args) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from asyncrl.algos import build_algorithm
     from asyncrl.algos.collective import dist_all_gather
-    from asyncrl.config import Config
     from asyncrl.learner.fsdp import apply_fsdp
     from asyncrl.learner.policy import Policy
     from asyncrl.learner.train import train_on_batch
     from asyncrl.models import load_model
 
-    cfg = msgspec.convert({"model": {"path": str(model_dir)},
-                           "generator": {"samples_per_prompt": args.samples, "max_tokens": args.max_len},
-                           "learner": {"prompts_per_step": args.prompts, "lr": 1e-5, **learner},
-                           "algo": {"type": args.algo}}, Config)
+    cfg = make_config(model_dir, learner, args)
     torch.manual_seed(0)
     policy = Policy(load_model(str(model_dir), "float32"))
+    if attention:
+        policy.lm.set_attn_implementation(attention)
     apply_fsdp(policy, init_device_mesh("cpu", (1,)))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr)
     algo = build_algorithm(cfg.algo)
     times, stats = [], {}
     for step in range(args.steps + 1):
         batch = rollout(step, args.prompts, args.samples, (args.min_len, args.max_len), args.vocab, 0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = train_on_batch(policy, opt, algo, batch, cfg, dist_all_gather(), step=step)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         tokens = int(batch.mask.sum())
         if step:  # step 0 warms up
-            times.append((dt, tokens))
+            times.append((dt, tokens, cpu))
         log.info("%s step %d: %.2fs, %d tokens, padding %.1f%%", learner, step, dt, tokens,
                  100 * stats["perf/padding_frac"])
-    step_s = statistics.median(t for t, _ in times)
-    return {"learner": learner, "step_s": step_s, "tokens_per_s": statistics.median(n / t for t, n in times),
-            "padding_frac": stats["perf/padding_frac"], "loss": stats["loss/total"]}
+    step_s = statistics.median(t for t, _, _ in times)
+    return {"learner": learner, "attention": attention or policy.lm.config._attn_implementation, "step_s": step_s,
+            "tokens_per_s": statistics.median(n / t for t, n, _ in times),
+            "tokens_per_cpu_s": statistics.median(n / c for _, n, c in times), "padding_frac": padding(learner, args),
+            "loss": stats["loss/total"]}
 
 
 def main() -> None:
@@ -115,27 +146,37 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192, help="learner.max_tokens_per_micro_batch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/packing.json")
+    ap.add_argument("--padding-only", action="store_true", help="print the padding fractions; no model, no timing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    setups = {
-        "padded, 16 rows per micro-batch": {"micro_batch_size": 16},
-        "padded, token budget": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget},
-        "packed, rows of the longest sample": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget,
-                                               "packing": True},
-        "packed, rows of 2048 tokens": {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget,
-                                        "packing": True, "pack_row_tokens": 2048},
+    budget = {"micro_batch_size": 64, "max_tokens_per_micro_batch": args.budget}
+    setups = {  # name: (learner settings, attention implementation or None = the policy's own)
+        "padded, 16 rows per micro-batch": ({"micro_batch_size": 16}, None),
+        "padded, token budget": (budget, None),
+        "packed, one row per micro-batch": ({**budget, "packing": True}, None),
+        "packed, rows of 2048 tokens": ({**budget, "packing": True, "pack_row_tokens": 2048}, None),
+        "packed, rows of 2048 tokens, sdpa mask": ({**budget, "packing": True, "pack_row_tokens": 2048}, "sdpa"),
     }
+    if args.padding_only:
+        for name, (learner, _) in setups.items():
+            print(f"{name}: padding {100 * padding(learner, args):.2f}%")
+        dist.destroy_process_group()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(Path(tmp) / "model", args.hidden, args.layers, args.vocab)
-        results = {name: measure(model_dir, learner, args) for name, learner in setups.items()}
+        results = {name: measure(model_dir, learner, attention, args) for name, (learner, attention) in setups.items()}
     dist.destroy_process_group()
     base = results["padded, 16 rows per micro-batch"]["tokens_per_s"]
-    lines = ["| setup | padding | trained tokens/s | vs padded | step s | loss |", "| --- | --- | --- | --- | --- | --- |"]
+    # CPU seconds (all threads) drift less than wall time when other processes share the cores
+    cpu_base = results["padded, 16 rows per micro-batch"]["tokens_per_cpu_s"]
+    lines = ["| setup | padding | trained tokens/s | vs padded | step s | tokens/CPU-s | vs padded | loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {100 * r['padding_frac']:.1f}% | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s'] / base:.2f}x | {r['step_s']:.2f} | {r['loss']:.6f} |")
+                     f"{r['tokens_per_s'] / base:.2f}x | {r['step_s']:.2f} | {r['tokens_per_cpu_s']:.0f} | "
+                     f"{r['tokens_per_cpu_s'] / cpu_base:.2f}x | {r['loss']:.6f} |")
     print("\n".join(lines))  # the benchmark's table
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

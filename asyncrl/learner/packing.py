@@ -1,12 +1,12 @@
 """Sequence packing for the learner's forward, and micro-batches sized by tokens.
 
 A rollout batch is right-padded to its longest sample, so with lengths that vary 10x
-most of a padded [rows, L] block is padding the decoder still computes. Packing puts
-several samples in one row, each with its own position ids (restarting at 0), so the
-model attends within a sample only: transformers builds the block-diagonal causal mask
-from position ids that restart (``masking_utils.find_packed_sequence_indices``) when no
-attention mask and no cache are given. Rows have a fixed capacity (at least the longest
-sample), so attention never spans more than a padded row would.
+most of a padded [rows, L] block is padding the decoder still computes. Packing lays
+samples end to end in rows, each with its own position ids (restarting at 0), and the
+decoder attends within a sample only: through ``asyncrl.learner.attention`` (one
+causal span per sample, so a row can hold a whole micro-batch and there is no padding)
+or, for other attention implementations, through transformers' block-diagonal mask
+built from the restarting position ids. A sample is never split across rows.
 
 Only the decoder's input layout changes: the per-token results are scattered back to
 the padded [rows, L] layout, so token selections and aggregations see exactly the
@@ -53,32 +53,46 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Packed:
-    """Several samples per row. ``source`` maps each packed position to its flat index
-    in the padded (B, L) layout (-1 at a packed row's padding)."""
+    """Samples laid end to end in rows. ``source`` maps each packed position to its flat
+    index in the padded (B, L) layout (-1 at a packed row's padding); ``cu_seq_lens``
+    are the span boundaries over the rows read row-major (a span: one sample, or a
+    row's padding tail), as ``asyncrl.learner.attention`` takes them."""
 
     input_ids: Tensor  # (R, C) int64
     position_ids: Tensor  # (R, C) int64, restarting at 0 for every sample
     targets: Tensor  # (R, C) int64, IGNORE_INDEX where not scored
     source: Tensor  # (R, C) int64
+    cu_seq_lens: Tensor  # (spans + 1,) int32, on the CPU
 
     @property
     def padding_frac(self) -> float:
         return float((self.source < 0).float().mean()) if self.source.numel() else 0.0
 
 
+def pack_rows(lengths: list[int], capacity: int) -> tuple[list[list[int]], int]:
+    """(rows of sample indices, row width): ``capacity`` 0 = one row of all samples in
+    order (no padding); else rows of ``capacity`` tokens (at least the longest sample),
+    filled first-fit-decreasing."""
+    if capacity == 0:
+        return [[i for i, n in enumerate(lengths) if n]], max(sum(lengths), 1)
+    capacity = max(capacity, max(lengths, default=0), 1)
+    return first_fit_decreasing(lengths, capacity), capacity
+
+
 def pack(input_ids: Tensor, targets: Tensor, pad_id: int, capacity: int = 0) -> Packed:
-    """Pack right-padded rows (B, L) into rows of ``capacity`` tokens (0 or less than the
-    longest sample: the longest sample's length)."""
+    """Pack right-padded rows (B, L) as :func:`pack_rows` lays them out; each sample's
+    real tokens (:func:`row_lengths`) only: what follows its last scored position
+    cannot affect a scored one under causal attention."""
     B, L = input_ids.shape
     lengths = row_lengths(targets).tolist()
-    capacity = max(capacity, max(lengths, default=0), 1)
-    rows = first_fit_decreasing(lengths, capacity)
+    rows, width = pack_rows(lengths, capacity)
     R = max(len(rows), 1)
     dev = input_ids.device
-    ids = torch.full((R, capacity), pad_id, dtype=torch.long, device=dev)
-    tgt = torch.full((R, capacity), IGNORE_INDEX, dtype=torch.long, device=dev)
-    pos = torch.zeros((R, capacity), dtype=torch.long, device=dev)
-    src = torch.full((R, capacity), -1, dtype=torch.long, device=dev)
+    ids = torch.full((R, width), pad_id, dtype=torch.long, device=dev)
+    tgt = torch.full((R, width), IGNORE_INDEX, dtype=torch.long, device=dev)
+    pos = torch.zeros((R, width), dtype=torch.long, device=dev)
+    src = torch.full((R, width), -1, dtype=torch.long, device=dev)
+    bounds = [0]
     for r, samples in enumerate(rows):
         at = 0
         for i in samples:
@@ -88,7 +102,11 @@ def pack(input_ids: Tensor, targets: Tensor, pad_id: int, capacity: int = 0) -> 
             pos[r, at:at + n] = torch.arange(n, device=dev)
             src[r, at:at + n] = torch.arange(i * L, i * L + n, device=dev)
             at += n
-    return Packed(ids, pos, tgt, src)
+            bounds.append(r * width + at)
+        if at < width:  # the padding tail: a span of its own
+            bounds.append((r + 1) * width)
+    bounds += [(r + 1) * width for r in range(len(rows), R)]  # an empty pack: one all-padding row
+    return Packed(ids, pos, tgt, src, torch.tensor(bounds, dtype=torch.int32))
 
 
 def unpack(values: Tensor, packed: Packed, shape: torch.Size, fill: float = 0.0) -> Tensor:
@@ -136,7 +154,7 @@ def split_to_count(slices: list[slice], count: int, lengths: Tensor) -> list[sli
 
 def input_positions(lengths: Tensor, micro: list[slice], width: int, capacity: int | None) -> tuple[int, int]:
     """(real tokens, positions the decoder computes) over ``micro``: padded rows are
-    ``width`` long; packed rows (``capacity`` not None) as :func:`pack` lays them out."""
+    ``width`` long; packed rows (``capacity`` not None) as :func:`pack_rows` lays them out."""
     real = processed = 0
     for sl in micro:
         lens = [int(n) for n in lengths[sl]]
@@ -144,6 +162,6 @@ def input_positions(lengths: Tensor, micro: list[slice], width: int, capacity: i
         if capacity is None:
             processed += len(lens) * width
         else:
-            cap = max(capacity, max(lens, default=0), 1)
-            processed += max(len(first_fit_decreasing(lens, cap)), 1) * cap
+            rows, row_width = pack_rows(lens, capacity)
+            processed += max(len(rows), 1) * row_width
     return real, processed

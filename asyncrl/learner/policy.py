@@ -7,13 +7,16 @@ import torch
 from torch import Tensor, nn
 
 from asyncrl.kernels import IGNORE_INDEX, token_logprobs, token_proxy_logprobs
-from asyncrl.learner.packing import pack, unpack
+from asyncrl.learner.attention import SDPA_VARLEN
+from asyncrl.learner.packing import Packed, pack, unpack
 
 
 class Policy(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm  # a transformers *ForCausalLM: .model (decoder) and .lm_head
+        if lm.config._attn_implementation == "sdpa":  # the same sdpa, plus packed rows' spans
+            lm.set_attn_implementation(SDPA_VARLEN)
 
     def forward(
         self, input_ids: Tensor, targets: Tensor, *, temperature: float, with_entropy: bool = False,
@@ -25,8 +28,8 @@ class Policy(nn.Module):
         zero (proxy: -inf) at ignored positions. Right padding needs no attention mask:
         causal attention never lets a real token see the padding after it.
         ``pack_capacity`` (not None): the decoder runs on the samples packed into rows of
-        that many tokens (0 = the longest sample; ``asyncrl.learner.packing``); the
-        results come back in the same [B, L] layout.
+        that many tokens (0 = all in one row; ``asyncrl.learner.packing``); the results
+        come back in the same [B, L] layout.
         """
         shape = targets.shape
         if pack_capacity is None:
@@ -37,8 +40,8 @@ class Policy(nn.Module):
                 return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
         else:
             packed = pack(input_ids, targets, pad_id=0, capacity=pack_capacity)
-            hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                   use_cache=False).last_hidden_state  # (R, C, D)
+            hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                                   **self._packed_attention(packed)).last_hidden_state  # (R, C, D)
             mask = packed.targets != IGNORE_INDEX
             h, y = hidden[mask], packed.targets[mask]
             def place(v: Tensor, fill: float) -> Tensor:
@@ -53,3 +56,14 @@ class Policy(nn.Module):
                 proxy = token_proxy_logprobs(h.detach(), weight.detach(), y, kappa=kappa, temperature=temperature)
             proxy_full = place(proxy, float("-inf"))
         return lp_full, ent_full, proxy_full
+
+    def _packed_attention(self, packed: Packed) -> dict:
+        """The decoder's extra arguments for packed rows: the spans for SDPA_VARLEN, and
+        no mask to build (a dict of prepared masks skips that). Other implementations,
+        and sliding-window layers (a span is not a window), get transformers' block-
+        diagonal masks, derived from the restarting position ids."""
+        config = self.lm.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if config._attn_implementation != SDPA_VARLEN or layer_types != {"full_attention"}:
+            return {}
+        return {"attention_mask": {"full_attention": None}, "cu_seq_lens_q": packed.cu_seq_lens}

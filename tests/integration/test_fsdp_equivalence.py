@@ -26,7 +26,8 @@ ATOL = 1e-5
 SAMPLES_PER_PROMPT = 4
 PROMPTS = 4
 LPREG = {"type": "lpreg", "rho": 0.5, "kappa": 0.02, "clip_low": 0.2, "clip_high": 0.28}
-PACKED = {"packing": True, "max_tokens_per_micro_batch": 30}  # several micro-batches of packed rows
+PACKED = {"packing": True, "max_tokens_per_micro_batch": 30}  # several micro-batches, each one packed row
+PACKED_ROWS = {**PACKED, "pack_row_tokens": 16}  # rows of 16 tokens (samples are 4-15), filled first-fit
 CASES = {  # name: (algo block, ppo_mini_batches, micro_batch_size[, more learner settings])
     "grpo": ({"type": "grpo"}, 1, 256),
     "grpo_sgd": ({"type": "grpo"}, 1, 256),  # SGD: the update is lr * gradient, so a gradient-scale bug shows
@@ -37,9 +38,11 @@ CASES = {  # name: (algo block, ppo_mini_batches, micro_batch_size[, more learne
     "lpreg_2mb_micro1": (LPREG, 2, 1),
     "grpo_2mb_packed": ({"type": "grpo"}, 2, 256, PACKED),
     "lpreg_2mb_packed": (LPREG, 2, 256, PACKED),
+    "lpreg_2mb_packed_rows": (LPREG, 2, 256, PACKED_ROWS),
 }
 SAME_WEIGHTS = [("grpo_2mb", "grpo_2mb_micro1"), ("lpreg_2mb", "lpreg_2mb_micro1"),
-                ("grpo_2mb", "grpo_2mb_packed"), ("lpreg_2mb", "lpreg_2mb_packed")]
+                ("grpo_2mb", "grpo_2mb_packed"), ("lpreg_2mb", "lpreg_2mb_packed"),
+                ("lpreg_2mb", "lpreg_2mb_packed_rows")]
 
 
 def make_batch(pad_id: int, eos_id: int, vocab: int, scale_advantages: bool):
@@ -160,6 +163,16 @@ def test_two_ranks_match_one_rank(results, initial, name):
     for k in metrics1:
         if k != "perf/padding_frac":  # the layout of the decoder's input depends on the split
             assert metrics2[k] == pytest.approx(metrics1[k], abs=ATOL, rel=ATOL), k
+
+
+def test_packing_removes_the_padding(results):
+    """Each rank packs its own micro-batches: one row each, so the decoder computes no
+    padding on any rank; padded rows and fixed-width rows (tails) do compute some."""
+    for world in (1, 2):
+        padded = results[world]["lpreg_2mb"][1]["perf/padding_frac"]
+        rows = results[world]["lpreg_2mb_packed_rows"][1]["perf/padding_frac"]
+        assert results[world]["lpreg_2mb_packed"][1]["perf/padding_frac"] == 0.0
+        assert padded > 0.1 and rows > 0.1, (padded, rows)
 
 
 def test_lpreg_screens_and_filters_tokens(results):
