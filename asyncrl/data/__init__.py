@@ -57,6 +57,15 @@ def reasoning_gym_task(cfg: Config, tok=None):
     return _RG_TASKS[key]
 
 
+def synthetic_task(cfg: Config):
+    """The built-in task a run without data files trains on (not reasoning_gym)."""
+    if cfg.task.name == "spark":
+        from asyncrl.tasks.spark import SparkTask
+
+        return SparkTask()
+    return build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
+
+
 def build_train_source(cfg: Config, tok=None) -> PromptSource:
     """``data.train_files`` in veRL layout if given, else the synthetic ``task``."""
     d = cfg.data
@@ -67,7 +76,7 @@ def build_train_source(cfg: Config, tok=None) -> PromptSource:
         return DatasetSource(problems, cfg.run.seed, d.shuffle)
     if cfg.task.name == "reasoning_gym":
         return reasoning_gym_task(cfg, tok).stream(cfg.run.seed)
-    task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
+    task = synthetic_task(cfg)
     return TaskSource(task, cfg.run.seed)
 
 
@@ -81,5 +90,5 @@ def build_eval_problems(cfg: Config, tok=None) -> list[Problem]:
         return load_problems(d.eval_files, _tokenizer(cfg, tok), d.max_prompt_length, d.truncation)
     if cfg.task.name == "reasoning_gym":
         return reasoning_gym_task(cfg, tok).eval_problems()
-    task = build_task(cfg.task.name, terms=cfg.task.terms, digits=cfg.task.digits)
+    task = synthetic_task(cfg)
     return [task.sample(-1 - cfg.run.seed, i) for i in range(cfg.task.eval_size)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -65,6 +66,11 @@ def test_wandb_offline_run_has_the_history(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     log_rows(tmp_path, wandb=True, config={"learner": {"lr": 1e-4}})
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    # wandb-core (its own process) may still be writing the transaction log when finish()
+    # returns: on a loaded machine the history records landed after it (seen once)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and b"_step" not in run_file.read_bytes():
+        time.sleep(0.2)
     history, config = {}, {}
     for payload in wandb_records(run_file):
         rec = wandb_internal_pb2.Record()
