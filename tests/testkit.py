@@ -156,3 +156,20 @@ def one_gloo_rank():
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)
+
+
+def warmstart_twice(out: Path, task: str, eval_size: int) -> tuple[bytes, bytes]:
+    """The weights of two short ``python -m asyncrl.warmstart --task TASK`` runs (2 steps
+    of 4 traces, one thread) into ``out/a`` and ``out/b``, restoring the thread count."""
+    import torch
+
+    from asyncrl.warmstart import main as warmstart
+
+    threads = torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            warmstart(["--task", task, "--out", str(out / name), "--steps", "2", "--batch", "4",
+                       "--eval-size", str(eval_size), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    return tuple((out / n / "model.safetensors").read_bytes() for n in ("a", "b"))

@@ -12,6 +12,7 @@ import pytest
 from asyncrl.config import ConfigError, load_config
 from asyncrl.data import build_eval_problems, build_train_source
 from asyncrl.tasks import verify
+from testkit import warmstart_twice
 
 rg = pytest.importorskip("reasoning_gym")
 
@@ -192,18 +193,7 @@ def test_shipped_countdown_config_and_base():
 
 def test_warmstart_is_reproducible(tmp_path):
     """Two runs of the countdown warm-start (a few steps) write identical weights."""
-    import torch
-
-    from asyncrl.warmstart import main as warmstart
-
-    threads = torch.get_num_threads()
-    try:
-        for name in ("a", "b"):
-            warmstart(["--task", "countdown", "--out", str(tmp_path / name), "--steps", "2", "--batch", "4",
-                       "--eval-size", "2", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))
+    a, b = warmstart_twice(tmp_path, "countdown", eval_size=2)
     assert a == b
     history = json.loads((tmp_path / "a" / "warmstart.json").read_text())["history"]
     assert [h["step"] for h in history] == [2] and 0 <= history[0]["accuracy_t1"] <= 1

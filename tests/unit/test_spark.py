@@ -16,6 +16,7 @@ import asyncrl
 from asyncrl.config import load_config
 from asyncrl.tasks import spark, verify
 from asyncrl.tasks.base import find_sparks
+from testkit import warmstart_twice
 
 
 def oracle(numbers: tuple[int, ...], target: int, ops: str) -> bool:
@@ -130,18 +131,7 @@ def test_shipped_config_and_base():
 def test_warmstart_spark_is_reproducible(tmp_path):
     """Two runs of ``python -m asyncrl.warmstart --task spark`` (a few steps) write identical
     weights, with the testbed's tokenizer, and report held-out accuracy at the end."""
-    import torch
-
-    from asyncrl.warmstart import main as warmstart
-
-    threads = torch.get_num_threads()
-    try:
-        for name in ("a", "b"):
-            warmstart(["--task", "spark", "--out", str(tmp_path / name), "--steps", "2", "--batch", "4",
-                       "--eval-size", "4", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))
+    a, b = warmstart_twice(tmp_path, "spark", eval_size=4)
     assert a == b
     made = json.loads((tmp_path / "a" / "warmstart.json").read_text())
     assert made["args"]["task"] == "spark" and [h["step"] for h in made["history"]] == [2]
