@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--vary", action="store_true",
+                    help="response lengths uniform in [length/10, length] (right-padded), each algorithm with "
+                         "learner.packing off and on (issue #15)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -61,12 +64,17 @@ def main() -> None:
     tgt = ids.roll(-1, 1).clone()
     tgt[:, : P - 1] = IGNORE_INDEX
     tgt[:, -1] = IGNORE_INDEX
+    if a.vary:  # sample i ends at P + its response length; the rest of its row is padding
+        ends = P + torch.randint(max((L - P) // 10, 1), L - P, (S,), generator=g)
+        tgt[torch.arange(L)[None, :] >= ends[:, None] - 1] = IGNORE_INDEX
+        ids[torch.arange(L)[None, :] >= ends[:, None]] = 0
     versions = torch.zeros((S, L), dtype=torch.long)
     batch = Batch(ids, tgt, torch.zeros(S, L), versions, torch.randn(S, generator=g), torch.rand(S, generator=g))
     tokens = int((tgt != IGNORE_INDEX).sum())
     results = []
-    for algo in ("grpo", "lpreg"):
+    for algo, packing in [(al, pk) for al in ("grpo", "lpreg") for pk in ((False, True) if a.vary else (False,))]:
         cfg = load_config("quickstart", [f"model.path={model_dir}", "model.dtype=bfloat16", f"algo.type={algo}",
+                                         f"learner.packing={str(packing).lower()}",
                                          f"learner.micro_batch_size={a.micro}", f"generator.max_tokens={L}",
                                          "learner.lr=1e-6", f"learner.prompts_per_step={S}",
                                          "generator.samples_per_prompt=1"])
@@ -74,7 +82,7 @@ def main() -> None:
         all_gather = dist_all_gather()
         # on-policy samples: the behaviour log-probs are the policy's own (zeros would make
         # every importance weight pi_old / pi_behaviour ~ 1/V, and the loss ~ 0)
-        old, _, _ = old_policy_pass(policy, batch.to(torch.device("cuda" if cuda else "cpu")), [slice(0, S)], cfg, None)
+        old, _, _ = old_policy_pass(policy, batch.to(torch.device("cuda" if cuda else "cpu")), [[slice(0, S)]], cfg, None)
         batch.behaviour_logprobs = old.cpu()
         train_on_batch(policy, opt, build_algorithm(cfg.algo), batch, cfg, all_gather)  # warm-up
         sync()
@@ -87,12 +95,13 @@ def main() -> None:
             sync()
             times.append(time.perf_counter() - t0)
         finite = all(map(lambda v: v == v and abs(v) != float("inf"), (stats["loss/total"], stats["train/grad_norm"])))
-        r = {"algo": algo, "step_s": min(times), "tokens": tokens, "tokens_per_s": tokens / min(times),
+        r = {"algo": algo, "packing": packing, "padding_frac": stats.get("perf/padding_frac", float("nan")),
+             "step_s": min(times), "tokens": tokens, "tokens_per_s": tokens / min(times),
              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), "loss": stats["loss/total"],
              "grad_norm": stats["train/grad_norm"], "entropy": stats["train/entropy"], "finite": finite,
              "regularised": stats.get("lpreg/regularised", 0.0)}
         results.append(r)
-        print(f"{algo:>6}: {r['step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tok/s  peak {r['peak_gib']:.1f} GiB  "
+        print(f"{algo:>6}{' packed' if packing else ''}: padding {r['padding_frac']:.1%}  {r['step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tok/s  peak {r['peak_gib']:.1f} GiB  "
               f"loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  entropy {r['entropy']:.3f}  "
               f"regularised {r['regularised']:.0f}", flush=True)
         del policy, opt

@@ -1,0 +1,29 @@
+"""benchmarks/gpu_train_step.py (step 3 of benchmarks/gpu_check.sh) run on the CPU as a
+smoke test of the script: a lent GPU's 15 minutes must not be spent finding that the
+script no longer matches the learner's API (it did once: old_policy_pass's micro-batch
+argument changed and the GPU check would have failed at step 3)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from testkit import REPO, subprocess_env
+
+
+@pytest.mark.slow
+def test_gpu_train_step_runs_on_cpu_with_packing_off_and_on(tmp_path):
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_train_step.py"), "--layers", "1", "--seqs", "4",
+                    "--length", "48", "--prompt", "8", "--micro", "2", "--vary", "--json", str(out)],
+                   check=True, env=subprocess_env(), cwd=REPO, timeout=600, capture_output=True)
+    results = json.loads(out.read_text())["results"]
+    assert [(r["algo"], r["packing"]) for r in results] == [("grpo", False), ("grpo", True), ("lpreg", False),
+                                                              ("lpreg", True)]
+    assert all(r["finite"] for r in results)
+    padded, packed = results[0], results[1]
+    assert padded["padding_frac"] > 0.1 and packed["padding_frac"] == 0.0
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-2)  # bf16: the same batch, another layout
