@@ -19,3 +19,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch at one intra-op thread for the test, the previous count restored after it
+    (engine tests: deterministic kernels, and no oversubscription beside other workers)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ from testkit import make_tiny_model
 PROMPTS = ["1+2=", "417+385+296=", "9=", "12+345="]  # different lengths: left padding is exercised
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
