@@ -34,3 +34,6 @@ def test_calc_tool_launch(tmp_path, staleness):
     # the base calls the calculator in some answers and not in others
     assert any(0.0 < m["explore/spark/tool_call/frac"] < 1.0 for m in train), train
     assert "eval/accuracy" in metrics[0]
+    # the held-out answers' tool-call rates, counted by the hub's evaluation (eval/spark/*)
+    assert 0.0 < metrics[0]["eval/spark/tool_call/frac"] < 1.0, metrics[0]
+    assert metrics[0]["eval/spark/product_call/frac"] <= metrics[0]["eval/spark/tool_call/frac"]
