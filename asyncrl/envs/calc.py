@@ -71,6 +71,7 @@ def evaluate(engine, tok, problems, max_tokens: int, temperature: float, tools, 
     runner -> ``accuracy`` and the mean of each per-episode metric (:meth:`CalcSession.metrics`).
     The warm-start's evaluation and the before/after measurement of the README both use it."""
     from asyncrl.envs.runner import EpisodeLimits, run_episodes
+    from asyncrl.eval.sampling import prompt_ids
     from asyncrl.generator.engine import SamplingParams
     from asyncrl.tasks.calc_tool import score
     from asyncrl.wire.schema import PromptGroup
@@ -79,7 +80,7 @@ def evaluate(engine, tok, problems, max_tokens: int, temperature: float, tools, 
     params = SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature)
     for b in range(0, len(problems), batch_size):
         chunk = problems[b : b + batch_size]
-        groups = [PromptGroup(group_id=-1 - b - i, prompt_ids=tok(p.prompt)["input_ids"], ground_truth=p.ground_truth,
+        groups = [PromptGroup(group_id=-1 - b - i, prompt_ids=prompt_ids(p, tok), ground_truth=p.ground_truth,
                               data_source=p.data_source) for i, p in enumerate(chunk)]
         for [e] in run_episodes(engine, tok, env, groups, params, EpisodeLimits(max_turns=max_turns), tools=tools):
             answer = e.answer if e.answer is not None else tok.decode(e.token_ids, skip_special_tokens=True)
