@@ -17,6 +17,17 @@ Two kinds of problem, named in the data_source so every metric splits by them:
   hard target has the other parity than the sum, or a ``*`` chain below the sum
   that no ``+ -`` chain reaches: something the model has to learn, not read off).
 
+The base also has a *noise tail*, the other half of the mechanism: where it writes an
+operator it may instead write one of 63 junk moves (``NOISE_CHARS``), a false start it
+abandons with ``|`` before restarting the trial (``3+5=8q|3+5=8+8=16``). Together they
+carry about ``SFT_NOISE`` of the mass there, each about 0.4% of it, mostly below
+``kappa * p_max`` (the spark, ``*``, is about 2%): min-p filters them out of Lp-Reg's
+proxy, and that missing mass (d = -log of what the proxy keeps) is what pulls the kept
+low-probability tokens, such as the spark, up. They are also the lowest-probability
+tokens sampled, so they fill Lp-Reg's lowest-rho screen before any spark does. A false start is
+harmful only through the tokens it spends of a tight budget.
+``explore/spark/noise/*`` counts them beside the spark.
+
 The warm-start (``python -m asyncrl.warmstart --task spark``) teaches a searcher that
 rarely thinks of multiplying: its traces come from a problem mix with few hard
 problems (``SFT_HARD_FRAC``) and its missed trials use ``*`` with probability
@@ -25,8 +36,8 @@ does on an easy problem the trial usually misses (the ``+ -`` target is rarely a
 value) and spends a trial of a tight budget; that puts the spark in failed answers. On
 the RL mix (``HARD_FRAC`` hard) the hard problems are solved only through it, so pass@k
 at large k counts how much of the rare move survives. The spark is one token
-(``*``), so "the spark dies out" and "low-probability tokens die out" can be read
-from the same samples.
+(``*``), so "the spark dies out" can be read straight from the sampled answers, and
+apart from the noise, "low-probability tokens die out" from the same samples.
 
 Splits: a problem is held out when a hash of its prompt falls in one bucket of
 ``HELD_OUT_BUCKETS``; the training stream (``seed >= 0``) skips those and every
@@ -47,16 +58,22 @@ from asyncrl.tasks.base import Problem, register_sparks_prefix, register_verifie
 
 PREFIX = "asyncrl/spark/"
 EASY, HARD = PREFIX + "easy", PREFIX + "hard"
-CHARS = "0123456789+-*=|,>:"  # the base's vocabulary (after <pad> and <eos>)
+# The noise tail: NOISE_CHARS are junk moves. Where the base writes an operator it
+# writes one of them (a false start, abandoned with ``|``) with probability SFT_NOISE in
+# all, each mostly below kappa * p_max: the tokens Lp-Reg's min-p proxy filters out.
+NOISE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#$%&@!?;~_<"
+CHARS = "0123456789+-*=|,>:" + NOISE_CHARS  # the base's vocabulary (after <pad> and <eos>)
 SPARKS = {
     "mul": r"\*",  # the rare move, anywhere in the answer
     "mul_answer": r"\*[^|]*$",  # the rare move in the final trial (the answer)
+    "noise": "[" + re.escape(NOISE_CHARS) + "]",  # a junk move: noise, not a spark, counted beside them
 }
 NUMBERS, LOW, HIGH = 3, 1, 9
 HARD_FRAC = 0.3  # share of hard problems in the RL and held-out mix
 SFT_HARD_FRAC = 0.06  # share of hard problems in the warm-start traces
 SFT_MISS_MUL = 0.03  # probability of * per operator of a missed trial in the warm-start traces
 SFT_MAX_MISSES = 2  # a trace has 0..SFT_MAX_MISSES missed trials (uniform), then the solution
+SFT_NOISE = 0.25  # probability of a junk move at each operator the warm-start traces write
 HELD_OUT_BUCKETS = 8
 _TRIAL = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)([+\-*])(\d+)=(\d+)")
 
@@ -141,13 +158,26 @@ def random_miss(numbers: tuple[int, ...], target: int, rng: random.Random, mul_p
     return None
 
 
+def false_starts(chain: Chain, rng: random.Random) -> list[str]:
+    """The trial's abandoned starts: at each of its operators, while a draw falls under
+    SFT_NOISE, the trial up to there and a junk move (then ``|`` and a restart)."""
+    (a, b, _), (o1, _) = chain
+    out = []
+    for head in (f"{a}", f"{a}{o1}{b}={apply(o1, a, b)}"):
+        while rng.random() < SFT_NOISE:
+            out.append(head + rng.choice(NOISE_CHARS))
+    return out
+
+
 def trace(numbers: tuple[int, ...], target: int, rng: random.Random) -> str:
     """A warm-start response: 0..SFT_MAX_MISSES missed trials, then a solution (a ``+ -``
-    one when there is one, so ``*`` shows up in solutions of hard problems only)."""
+    one when there is one, so ``*`` shows up in solutions of hard problems only), each
+    trial after its false starts."""
     sols = [c for c in chains(numbers) if value(c) == target]
     sols = [c for c in sols if not uses_mul(c)] or sols
     misses = [random_miss(numbers, target, rng, SFT_MISS_MUL) for _ in range(rng.randint(0, SFT_MAX_MISSES))]
-    return "|".join([render_trial(c) for c in misses if c] + [render_trial(rng.choice(sols))])
+    trials = [c for c in misses if c] + [rng.choice(sols)]
+    return "|".join(part for c in trials for part in [*false_starts(c, rng), render_trial(c)])
 
 
 class SparkTask:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,22 +53,64 @@ def test_problems_are_the_kind_their_source_names(seed):
     assert 0.2 < kinds[spark.HARD] / 300 < 0.4  # HARD_FRAC = 0.3
 
 
+def trials_of(solution: str) -> list[str]:
+    """A warm-start trace's trials, without its false starts (segments ending in a junk move)."""
+    return [s for s in solution.split("|") if s[-1] not in spark.NOISE_CHARS]
+
+
 def test_warmstart_traces_verify_and_make_multiplication_rare():
     task = spark.SparkTask(hard_frac=spark.SFT_HARD_FRAC)
     traces = []
     for i in range(2000):
         p = task.sample(7, i)
         assert verify(p.data_source, p.solution, p.ground_truth) == 1.0
-        trials = p.solution.split("|")
+        trials = trials_of(p.solution)
         assert 1 <= len(trials) <= 1 + spark.SFT_MAX_MISSES
         assert all(verify(p.data_source, t, p.ground_truth) == 0.0 for t in trials[:-1])  # misses miss
         if p.data_source == spark.EASY:
             assert "*" not in trials[-1]  # easy problems are solved without the rare move
         else:
             assert "*" in trials[-1]
-        traces.append(p.solution)
+        traces.append("|".join(trials))
     ops = sum(t.count("+") + t.count("-") + t.count("*") for t in traces)
     assert 0.01 < sum(t.count("*") for t in traces) / ops < 0.08  # a rare move, a few percent of operators
+
+
+def test_warmstart_noise_tail_is_false_starts_at_operators():
+    """Each false start is the next trial's own head (its first number, or its first step
+    with the result) and one junk move; at an operator position the traces write a junk
+    move with probability SFT_NOISE, spread over all 63 of them, so each one is far
+    below kappa * p_max (kappa 0.02) of the operator it replaces."""
+    task = spark.SparkTask(hard_frac=spark.SFT_HARD_FRAC)
+    junk, op_positions = {}, 0
+    for i in range(3000):
+        segments = task.sample(11, i).solution.split("|")
+        for seg, after in zip(segments, segments[1:]):
+            if seg[-1] in spark.NOISE_CHARS:
+                head = seg[:-1]
+                assert after.startswith(head) and after[len(head)] in "+-*" + spark.NOISE_CHARS  # the same trial again
+                assert re.fullmatch(r"\d|\d[+\-*]\d=\d+", head)
+                junk[seg[-1]] = junk.get(seg[-1], 0) + 1
+        op_positions += sum(s.count("+") + s.count("-") + s.count("*") for s in segments) + sum(
+            s[-1] in spark.NOISE_CHARS for s in segments)
+    total = sum(junk.values())
+    # SFT_NOISE per draw; a trial restarted after a false start at its second operator
+    # writes its first again without a draw, so the rate per operator is a little lower
+    assert spark.SFT_NOISE - 0.05 < total / op_positions <= spark.SFT_NOISE
+    assert set(junk) == set(spark.NOISE_CHARS) and len(set(spark.NOISE_CHARS)) == len(spark.NOISE_CHARS) == 63
+    assert max(junk.values()) / op_positions < 0.02 * 0.3  # each below kappa x a p_max of 0.3
+    assert not set(spark.NOISE_CHARS) & set("0123456789+-*=|,>:")
+
+
+def test_noise_pattern_and_false_start_answers():
+    sparks = find_sparks(spark.HARD)
+    assert len(sparks["noise"].findall("3a|3+5=8<|3~|3+5=8+8=16")) == 3
+    assert all(sparks["noise"].fullmatch(c) for c in spark.NOISE_CHARS)
+    assert not sparks["noise"].search("3+5=8+8=16|3*5=15-8=7")
+    assert not sparks["mul"].search("3a|3+5=8q|3+5=8+8=16")
+    assert verify(spark.HARD, "3q|3*5=15-8=7", "3,5,8>7") == 1.0  # false starts before the answer are fine
+    assert verify(spark.HARD, "3*5=15-8=7|3q", "3,5,8>7") == 0.0  # ending on one is no answer
+    assert verify(spark.HARD, "3*5=15q8=7", "3,5,8>7") == 0.0  # a junk move is not an operator
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -100,7 +143,7 @@ def test_splits_are_disjoint_and_held_out_is_one_set():
 
 def test_spark_patterns():
     sparks = find_sparks(spark.HARD)
-    assert find_sparks(spark.EASY) is sparks and set(sparks) == {"mul", "mul_answer"}
+    assert find_sparks(spark.EASY) is sparks and set(sparks) == {"mul", "mul_answer", "noise"}
     assert len(sparks["mul"].findall("3*5=15*8=120|3+5=8-8=0")) == 2
     assert sparks["mul_answer"].search("3+5=8+8=16|3*5=15-8=7")
     assert not sparks["mul_answer"].search("3*5=15-8=7|3+5=8+8=16")  # a * only in a missed trial
@@ -120,7 +163,7 @@ def test_shipped_config_and_base():
     base = Path(asyncrl.__file__).parent / "assets" / "spark-base"
     assert (base / "model.safetensors").stat().st_size < 4 << 20  # small, like the other shipped bases
     tok = Tokenizer.from_file(str(base / "tokenizer.json"))
-    text = spark.prompt_of((3, 5, 8), 7) + "3+5=8+8=16|3*5=15-8=7"
+    text = spark.prompt_of((3, 5, 8), 7) + "3+5=8+8=16|3q|3*5=15?|3*5=15-8=7" + spark.NOISE_CHARS
     ids = tok.encode(text).ids
     assert 0 not in ids and tok.decode(ids) == text  # every character has a token (id 0 is <pad>)
     assert len(tok.get_vocab()) == 2 + len(spark.CHARS)
