@@ -8,15 +8,17 @@ pipeline (``asyncrl.launch spark``).
 
 Every run is ``python -m asyncrl.launch spark`` (asyncrl/configs/spark.yaml: 80 steps x
 32 prompts x 8 samples, one optimiser step per batch, lr 3e-4, held-out evaluation of
-192 problems x 16 samples every 20 steps) plus the algorithm's overrides and any extra
+192 problems x 16 samples at steps 0, 40 and 80) plus the algorithm's overrides and any extra
 ``key=value`` given here (e.g. ``learner.ppo_mini_batches=4`` for the whole set
 off-policy). Writes ``<out>.md`` (final pass@1 and pass@16 mean ± std over seeds,
 overall and on the hard problems, entropy at the start and the end, the share of
-training answers with the spark -- multiplication -- and Lp-Reg's regularised tokens
-per step), ``<out>.json`` (every run's curves) and ``<out>.png`` (the curves, mean over
-seeds, shaded ± std). Progress goes to stdout; each run's log is kept in its run
-directory (``--runs-dir``, ``<algo>_s<seed>/study.log``). ``--jobs 2`` (the default)
-runs two at a time: an on-policy run keeps about one core busy.
+training answers with the spark -- multiplication --, junk moves per 1,000 tokens (the
+noise tail) and Lp-Reg's regularised tokens per step), ``<out>.json`` (every run's
+curves) and ``<out>.png`` (the curves, mean over seeds, shaded ± std). Progress goes to
+stdout; each run's log is kept in its run directory (``--runs-dir``,
+``<algo>_s<seed>/study.log``). ``--jobs 2`` (the default) runs two at a time: an
+on-policy run keeps about one core busy. ``--report-only --runs-dir DIR`` launches
+nothing and tabulates the finished runs there again.
 
 pass@k is on the held-out split: "all" is the unweighted mean of the easy and hard
 problems' values (``eval/pass@k``), "hard" the hard problems' alone, where only the
@@ -42,11 +44,13 @@ from asyncrl.config import load_config  # noqa: E402
 
 HARD = "eval/asyncrl/spark/hard"
 SPARK = "explore/spark/mul/frac"  # share of sampled training answers with a * (asyncrl/learner/exploration.py)
+NOISE = "explore/spark/noise/per_1k_tokens"  # junk moves (the noise tail) per 1,000 sampled tokens
 
 # name -> overrides. Entropy bonus: the paper does not give its coefficient; 0.002 is a
 # nudge, 0.02 is ten times that (against GRPO's per-token advantages of order 1).
-# Lp-Reg: the paper's kappa 0.02 and rho 0.01 (Qwen3-14B), then larger rho: at 0.01 only
-# about 2 tokens a step are regularised on this testbed (lpreg/regularised).
+# Lp-Reg: the paper's kappa 0.02 and rho 0.01 (Qwen3-14B), then larger rho: at 0.01 the
+# screened lowest 1% of negative tokens are nearly all junk moves, which the proxy
+# filters, so almost nothing is regularised on this testbed (lpreg/regularised).
 ALGOS: dict[str, list[str]] = {
     "grpo": ["algo.type=grpo"],
     "entropy_0.02": ["algo.type=entropy_bonus", "algo.coef=0.02"],
@@ -76,6 +80,21 @@ def launch(algo: str, seed: int, a: argparse.Namespace, runs_dir: Path) -> list[
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def read_run(algo: str, seed: int, runs_dir: Path) -> list[dict]:
+    """A finished run's metrics rows (``--report-only``)."""
+    path = runs_dir / f"{algo}_s{seed}" / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no {path}; run the study into --runs-dir {runs_dir} first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def runs_wall_s(runs_dir: Path, jobs: list[tuple[str, int]]) -> float:
+    """The study's wall time read from its run directories: first config written to last metrics line."""
+    dirs = [runs_dir / f"{algo}_s{seed}" for algo, seed in jobs]
+    return max((d / "metrics.jsonl").stat().st_mtime for d in dirs) - min((d / "config.yaml").stat().st_mtime
+                                                                           for d in dirs)
+
+
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if key in r]
 
@@ -85,13 +104,13 @@ def summarise(rows: list[dict], k: int) -> dict:
     spark share) are means over the first / last 5 steps, to average out batch noise."""
     curves = {"pass@1": series(rows, "eval/pass@1"), f"pass@{k}": series(rows, f"eval/pass@{k}"),
               f"hard_pass@{k}": series(rows, f"{HARD}/pass@{k}"), "hard_pass@1": series(rows, f"{HARD}/pass@1"),
-              "entropy": series(rows, "train/entropy"), "spark": series(rows, SPARK),
+              "entropy": series(rows, "train/entropy"), "spark": series(rows, SPARK), "noise": series(rows, NOISE),
               "reward": series(rows, "train/reward_mean")}
     reg = [r["lpreg/regularised"] for r in rows if "lpreg/regularised" in r]
     out = {"curves": curves, "regularised": statistics.mean(reg) if reg else math.nan}
     for name, c in curves.items():
         ys = [y for _, y in c]
-        w = 5 if name in ("entropy", "spark", "reward") else 1
+        w = 5 if name in ("entropy", "spark", "noise", "reward") else 1
         out[name] = {"start": statistics.mean(ys[:w]) if ys else math.nan,
                      "final": statistics.mean(ys[-w:]) if ys else math.nan}
     return out
@@ -107,19 +126,19 @@ def mean_std(xs: list[float]) -> str:
 def table(results: dict[str, list[dict]], k: int) -> str:
     cols = ["pass@1", f"pass@{k}", "hard_pass@1", f"hard_pass@{k}"]
     lines = [f"| algorithm | pass@1 | pass@{k} | hard pass@1 | hard pass@{k} | entropy start → final | "
-             "spark share start → final | Lp-Reg tokens regularised / step | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "spark share start → final | noise / 1k tokens start → final | Lp-Reg tokens regularised / step | "
+             "seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     runs = [r for rs in results.values() for r in rs]
     base = [statistics.mean(r[c]["start"] for r in runs) for c in cols]
     lines.append("| base (step 0) | " + " | ".join(f"{b:.3f}" for b in base)
                  + f" | {mean_std([r['entropy']['start'] for r in runs])} | "
-                 f"{mean_std([r['spark']['start'] for r in runs])} | | |")
+                 f"{mean_std([r['spark']['start'] for r in runs])} | {mean_std([r['noise']['start'] for r in runs])} | | |")
     for algo, rs in results.items():
         vals = [mean_std([r[c]["final"] for r in rs]) for c in cols]
-        ent, spk = (f"{statistics.mean(r[c]['start'] for r in rs):.3f} → {mean_std([r[c]['final'] for r in rs])}"
-                    for c in ("entropy", "spark"))
+        ent, spk, noise = (f"{statistics.mean(r[c]['start'] for r in rs):.3f} → {mean_std([r[c]['final'] for r in rs])}"
+                           for c in ("entropy", "spark", "noise"))
         reg = mean_std([r["regularised"] for r in rs]).replace("n/a", "–")
-        lines.append(f"| {algo} | " + " | ".join(vals) + f" | {ent} | {spk} | {reg} | {len(rs)} |")
+        lines.append(f"| {algo} | " + " | ".join(vals) + f" | {ent} | {spk} | {noise} | {reg} | {len(rs)} |")
     return "\n".join(lines)
 
 
@@ -134,10 +153,12 @@ def plot(results: dict[str, list[dict]], k: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("pass@1", "held-out pass@1 (easy and hard)"), (f"hard_pass@{k}", f"held-out pass@{k}, hard problems"),
+    panels = [("pass@1", "held-out pass@1 (easy and hard)"), (f"pass@{k}", f"held-out pass@{k} (easy and hard)"),
+              (f"hard_pass@{k}", f"held-out pass@{k}, hard problems"),
               ("entropy", "policy entropy of trained tokens (nats; mean of 5 steps)"),
-              ("spark", "training answers with a * (share; mean of 5 steps)")]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+              ("spark", "training answers with a * (share; mean of 5 steps)"),
+              ("noise", "junk moves per 1k sampled tokens (mean of 5 steps)")]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     for ax, (name, title) in zip(axes.flat, panels):
         for i, (algo, rs) in enumerate(results.items()):
             steps = sorted(set.intersection(*(set(s for s, _ in r["curves"][name]) for r in rs)) if rs else set())
@@ -167,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time: an on-policy run keeps about one core "
                     "busy (its generator and learner take turns), so 2 fill 2 cores")
     ap.add_argument("--runs-dir", help="where the run directories go (default: a new temporary directory)")
+    ap.add_argument("--report-only", action="store_true", help="launch nothing: tabulate and plot the finished "
+                    "runs in --runs-dir (after changing the report, or to recover a study cut short at the end)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run (e.g. learner.lr=1e-4)")
     a = ap.parse_args(argv)
+    if a.report_only and not a.runs_dir:
+        ap.error("--report-only needs --runs-dir")
     runs_dir = Path(a.runs_dir or tempfile.mkdtemp(prefix="asyncrl-sparks-"))
     cfg = load_config("spark", a.overrides)
     k = cfg.eval.k
@@ -178,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{runs_dir}", flush=True)
     results: dict[str, list[dict]] = {algo: [] for algo in a.algos}
     jobs = [(algo, seed) for seed in a.seeds for algo in a.algos]
+    run = (lambda algo, seed, a, d: read_run(algo, seed, d)) if a.report_only else launch
     with ThreadPoolExecutor(a.jobs) as pool:  # threads only wait on the launch subprocesses
-        futures = {pool.submit(launch, algo, seed, a, runs_dir): (algo, seed) for algo, seed in jobs}
+        futures = {pool.submit(run, algo, seed, a, runs_dir): (algo, seed) for algo, seed in jobs}
         for fut in as_completed(futures):
             algo, seed = futures[fut]
             s = summarise(fut.result(), k)
@@ -194,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     for rs in results.values():
         rs.sort(key=lambda r: r["seed"])
     md = table(results, k)
-    wall = time.time() - t0
+    wall = runs_wall_s(runs_dir, jobs) if a.report_only else time.time() - t0
     note = (f"{a.steps} steps x {cfg.learner.prompts_per_step} prompts x {cfg.generator.samples_per_prompt} samples, "
             f"lr {cfg.learner.lr:g}, {cfg.learner.ppo_mini_batches} optimiser step(s) per batch; held-out: "
             f"{a.eval_size or cfg.task.eval_size} problems x {k} samples at T=1 every "
