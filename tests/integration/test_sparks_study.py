@@ -36,3 +36,16 @@ def test_sparks_study_smoke(tmp_path):
     assert md.startswith("| algorithm | pass@1 | pass@4 | hard pass@1 | hard pass@4 |")
     assert "| base (step 0) |" in md and "| lpreg |" in md and "n/a" not in md.split("\n\n")[0]
     assert out.with_suffix(".png").stat().st_size > 10_000
+    assert len(run["curves"]["noise"]) == 2 and all(y >= 0 for _, y in run["curves"]["noise"])
+
+    # --report-only: the same runs tabulated again, nothing launched
+    again = tmp_path / "again"
+    cmd = [sys.executable, "benchmarks/sparks.py", "--algos", "lpreg", "--seeds", "0", "--report-only", "--out",
+           str(again), "--runs-dir", str(tmp_path / "runs"), "eval.k=4"]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert again.with_suffix(".md").read_text().split("\n\n")[0] == md.split("\n\n")[0]
+    assert json.loads(again.with_suffix(".json").read_text())["results"] == data["results"]
+    missing = subprocess.run([*cmd[:-2], str(tmp_path / "nothing"), "eval.k=4"], cwd=REPO, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no " in missing.stderr and "metrics.jsonl" in missing.stderr
