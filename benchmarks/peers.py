@@ -9,13 +9,12 @@ For every seed it runs, one at a time, each in its own process tree:
 
 - ``trl``, ``trl_mb64``: TRL's GRPOTrainer on the quickstart's base model, tokenizer,
   prompts (the same stream, in order) and verifier (``asyncrl.tasks``);
-- ``asyncrl``: ``python -m asyncrl.launch quickstart`` (on-policy, both roles on all
-  cores, taking turns);
+- ``asyncrl``: ``python -m asyncrl.launch quickstart`` (on-policy, the roles taking turns:
+  two one-thread generator processes, then the learner on both cores);
 - ``asyncrl async``: ``python -m asyncrl.launch quickstart_async`` (k = 1, one core per
   role, the learner borrowing the generator's while it idles);
-- ``asyncrl on-pol. 2 gen`` (not a shipped config): the quickstart with
-  ``generator.num_workers=2 generator.threads=1``, generation on two one-thread
-  processes instead of one with two threads;
+- ``asyncrl on-pol. 1 gen`` (the quickstart's layout before it had two generators):
+  ``generator.num_workers=1 generator.threads=2``, generation on one two-thread process;
 
 then evaluates the base model and each run's final model with the same code,
 ``python -m asyncrl.eval quickstart --checkpoint DIR run.seed=SEED`` (the held-out
@@ -352,15 +351,16 @@ def run_limit(run_dir: str, threads: int, micro_batch_sizes: list[int], work: Pa
 # --------------------------------------------------------------------------- table
 
 SETUPS = {"trl": "TRL GRPOTrainer", "trl_mb64": "TRL, micro-batch 64", "asyncrl": "asyncrl on-policy",
-          "asyncrl_async": "asyncrl async (k=1)", "asyncrl_2gen": "asyncrl on-pol. 2 gen"}
+          "asyncrl_async": "asyncrl async (k=1)", "asyncrl_1gen": "asyncrl on-pol. 1 gen"}
 # TRL setup -> samples per forward/backward: the whole batch at once, or 4 accumulated
 # micro-batches (smaller activations can be faster on a CPU); "x TRL" is against the faster
 TRL = {"trl": 256, "trl_mb64": 64}
-# asyncrl setup -> (shipped config, overrides). asyncrl_2gen is not a shipped config: the
-# quickstart with its generation split over two one-thread generator processes, which use
-# two cores better than one process with two threads (small decode ops barely parallelise)
+# asyncrl setup -> (shipped config, overrides). asyncrl_1gen is the quickstart's earlier
+# layout, one two-thread generator: two one-thread processes use 2 cores better (small
+# decode ops barely parallelise across threads); benchmarks/results/peers.json has both
+# (there "asyncrl" is the one-generator layout and "asyncrl_2gen" today's quickstart)
 ASYNCRL = {"asyncrl": ("quickstart", []), "asyncrl_async": ("quickstart_async", []),
-           "asyncrl_2gen": ("quickstart", ["generator.num_workers=2", "generator.threads=1"])}
+           "asyncrl_1gen": ("quickstart", ["generator.num_workers=1", "generator.threads=2"])}
 
 
 def best_trl(runs: list[dict]) -> float | None:

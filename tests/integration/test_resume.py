@@ -28,8 +28,10 @@ from test_launch import TRAINS, launch  # noqa: F401 - the fixture
 from testkit import WARM_BASE, WARM_RUN, assert_policy_gradient_ran, wait_for_run
 
 ATOL = 0.0
+# one generator: with two (the quickstart's layout) the same groups arrive, but the order
+# in which they fill a batch varies, so the token-mean sums in another order (~1e-9)
 STEPS = ["learner.steps=6", "learner.checkpoint_every=2", "learner.keep_checkpoints=2", "task.eval_size=4",
-         "run.seed=3"]
+         "run.seed=3", "generator.num_workers=1"]
 
 
 def last_per_step(rows: list[dict], key: str) -> dict[int, object]:

@@ -34,7 +34,9 @@ def test_quickstart_with_vllm_engine(tmp_path, mode):
     cmd = [sys.executable, "-m", "asyncrl.launch", "quickstart", "generator.engine=vllm", f"model.path={WARM_BASE}",
            "learner.steps=3", "learner.prompts_per_step=4", *WARM_RUN, "task.eval_size=8", f"run.dir={run}",
            "run.console=false", "generator.vllm.kv_cache_gb=0.0625",
-           "transport.bucket_mb=0.01", *MODES[mode]]  # ~10 KiB buckets: every update in many of them
+           "transport.bucket_mb=0.01",  # ~10 KiB buckets: every update in many of them
+           "generator.num_workers=1", "generator.threads=2",  # one engine: the quickstart's own layout has two
+           *MODES[mode]]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
