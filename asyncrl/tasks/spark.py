@@ -24,8 +24,8 @@ carry about ``SFT_NOISE`` of the mass there, each about 0.4% of it, mostly below
 ``kappa * p_max`` (the spark, ``*``, is about 2%): min-p filters them out of Lp-Reg's
 proxy, and that missing mass (d = -log of what the proxy keeps) is what pulls the kept
 low-probability tokens, such as the spark, up. They are also the lowest-probability
-tokens sampled, so they fill Lp-Reg's lowest-rho screen before any spark does. A false start is
-harmful only through the tokens it spends of a tight budget.
+tokens sampled, so they fill Lp-Reg's lowest-rho screen before any spark does. A
+false start is harmful only through the tokens it spends of a tight budget.
 ``explore/spark/noise/*`` counts them beside the spark.
 
 The warm-start (``python -m asyncrl.warmstart --task spark``) teaches a searcher that
