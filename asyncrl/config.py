@@ -277,6 +277,11 @@ class LearnerConfig(_Section):
     """Length of a packed row (at least the longest sample; 0 = a micro-batch's samples
     all in one row, no padding). With sdpa, attention runs per sample whatever the row
     width; other attention implementations get a dense block-diagonal mask per row."""
+    share_prompts: bool = True
+    """With packing, consecutive samples of one prompt share a single copy of it in the
+    packed rows (each answer attends to it): the prompt's forward and backward run
+    once per group instead of once per sample, with the same loss and gradient. Needs
+    sdpa attention on full-attention layers; elsewhere each sample keeps its own copy."""
     max_staleness: int = 0
     """0 = strictly on-policy; k = generation may run k versions ahead."""
     off_policy: Literal["decoupled", "tis", "none"] = "decoupled"

@@ -8,9 +8,15 @@ C x C scores of a row, with no causal block skipping, and the mask itself costs 
 memory. Here each sample is one causal sdpa call on its own span, so attention costs
 what the samples need (sum of n^2 / 2) whatever the row width, and rows can be as
 wide as a whole micro-batch: no padding at all.
+
+With ``prompt_spans`` instead (``asyncrl.learner.shared_prompts``), a span may also
+attend in full to a context span before it: a group's answers to their one shared
+copy of the prompt.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +30,17 @@ SDPA_VARLEN = "asyncrl_sdpa_varlen"
 
 def sdpa_varlen_attention(
     module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-    dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: Tensor | None = None, **kwargs,
+    dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: Tensor | None = None,
+    prompt_spans: SpanAttention | None = None, **kwargs,
 ) -> tuple[Tensor, None]:
     """query [R, H, C, d], key/value [R, Hkv, C, d] -> ([R, C, H, d], None), as sdpa.
 
     ``cu_seq_lens_q``: cumulative span boundaries (0, ..., R*C) over the rows read
     row-major: a span is one sample, or a row's padding tail (computed, never read)."""
+    if prompt_spans is not None:
+        if attention_mask is not None:
+            raise ValueError("packed rows take no attention mask: their spans are the mask")
+        return span_batch_attention(query, key, value, prompt_spans, dropout, scaling), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -48,6 +59,95 @@ def sdpa_varlen_attention(
             for q, k, v in zip(*(flat(t).split(spans, dim=2) for t in (query, key, value)))]
     out = torch.cat(outs, dim=2).reshape(H, R, C, d)
     return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+@dataclass(frozen=True)
+class SpanBucket:
+    """One sdpa call over S spans of similar size, each padded to the bucket's M
+    queries and K keys. Positions are flat indices over the rows read row-major; the
+    gathers are ``index_select`` (their backward an ``index_add``, cheap where the
+    keys of a shared context repeat)."""
+
+    queries: Tensor  # (S * M,) each span's query positions (padding: its first key)
+    keys: Tensor  # (S * K,) its context's positions, then its own (padding: its first key)
+    mask: Tensor  # (S, 1, M, K) bool: the whole context, own keys causally
+    real: Tensor  # (real queries,) indices into S * M of the real ones
+    shape: tuple[int, int, int]  # S, M, K
+
+
+@dataclass(frozen=True)
+class SpanAttention:
+    """Attention over spans with contexts, in a few batched sdpa calls: spans sorted by
+    key length and bucketed so that no span's keys are padded past 1/``BUCKET_FILL``
+    of their length; ``order`` puts the buckets' real queries back in flat order."""
+
+    buckets: tuple[SpanBucket, ...]
+    order: Tensor  # (positions,) int64
+    positions: int
+
+
+BUCKET_FILL = 0.75
+
+
+def _bucket(group: list[tuple[int, int, int, int]], device: torch.device) -> SpanBucket:
+    a, n, ca, cn = (torch.tensor(col, dtype=torch.long)[:, None, None] for col in zip(*group))  # (S, 1, 1)
+    S, M, K = len(group), int(n.max()), int((n + cn).max())
+    i = torch.arange(M)[None, :, None]  # query row
+    j = torch.arange(K)[None, None, :]  # key column
+    first = torch.where(cn > 0, ca, a)
+    own = j - cn  # a key's place in the span's own tokens
+    mask = (i < n) & ((j < cn) | ((own >= 0) & (own <= i)))
+    mask |= (i >= n) & (j == 0)  # padded queries see one real key (no NaN); dropped after
+    queries = torch.where(i[..., 0] < n[..., 0], a[..., 0] + i[..., 0], first[..., 0])  # (S, M)
+    keys = torch.where(j[:, 0] < cn[..., 0], ca[..., 0] + j[:, 0],
+                       torch.where(own[:, 0] < n[..., 0], a[..., 0] + own[:, 0], first[..., 0]))  # (S, K)
+    real = (i[..., 0] < n[..., 0]).reshape(-1).nonzero().squeeze(-1)
+    return SpanBucket(queries.reshape(-1).to(device), keys.reshape(-1).to(device), mask[:, None].to(device),
+                      real.to(device), (S, M, K))
+
+
+def plan_span_attention(spans: list[tuple[int, int, int, int]], device: torch.device) -> SpanAttention:
+    """``spans``: (start, length, context start, context length), tiling 0..N in order;
+    a span attends in full to its context (an earlier span) and causally to itself."""
+    starts, lengths = [s[0] for s in spans], [s[1] for s in spans]
+    if not spans or starts[0] != 0 or min(lengths) < 1 or any(a + n != b for a, n, b in
+                                                              zip(starts, lengths, starts[1:])):
+        raise ValueError(f"spans must tile 0..N in order, in positive lengths: {spans}")
+    known = {(a, n) for a, n in zip(starts, lengths)}
+    for s in spans:
+        if s[3] and ((s[2], s[3]) not in known or s[2] >= s[0]):
+            raise ValueError(f"span {s}: its context is not an earlier span")
+    groups: list[list[tuple[int, int, int, int]]] = []
+    for s in sorted(spans, key=lambda s: -(s[1] + s[3])):
+        if groups and s[1] + s[3] >= BUCKET_FILL * (groups[-1][0][1] + groups[-1][0][3]):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    N = starts[-1] + lengths[-1]
+    real = torch.cat([torch.arange(a, a + n) for g in groups for a, n, _, _ in g])
+    order = torch.empty(N, dtype=torch.long)
+    order[real] = torch.arange(N)
+    return SpanAttention(tuple(_bucket(g, device) for g in groups), order.to(device), N)
+
+
+def span_batch_attention(query: Tensor, key: Tensor, value: Tensor, plan: SpanAttention, dropout: float,
+                         scaling: float | None) -> Tensor:
+    """query [R, H, C, d], key/value [R, Hkv, C, d] -> [R, C, H, d], as :class:`SpanAttention` plans."""
+    R, H, C, d = query.shape
+    if R * C != plan.positions:
+        raise ValueError(f"the span plan covers {plan.positions} positions, the rows hold {R * C}")
+    gqa = H != key.shape[1]
+    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], R * C, d) for t in (query, key, value))  # rows end to end
+    outs = []
+    for b in plan.buckets:
+        S, M, K = b.shape
+        take = lambda t, idx, n: t.index_select(1, idx).reshape(t.shape[0], S, n, d).transpose(0, 1)  # noqa: E731
+        out = F.scaled_dot_product_attention(take(q, b.queries, M), take(k, b.keys, K), take(v, b.keys, K),
+                                             attn_mask=b.mask, dropout_p=dropout, scale=scaling,
+                                             enable_gqa=gqa)  # (S, H, M, d)
+        outs.append(out.transpose(0, 1).reshape(H, S * M, d).index_select(1, b.real))
+    out = torch.cat(outs, dim=1).index_select(1, plan.order)  # (H, R*C, d) in flat order
+    return out.reshape(H, R, C, d).permute(1, 2, 0, 3).contiguous()
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)

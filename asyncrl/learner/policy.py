@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from asyncrl.kernels import IGNORE_INDEX, token_logprobs, token_proxy_logprobs
 from asyncrl.learner.attention import SDPA_VARLEN
 from asyncrl.learner.packing import Packed, pack, unpack
+from asyncrl.learner.shared_prompts import pack_shared
 
 
 class Policy(nn.Module):
@@ -20,7 +21,7 @@ class Policy(nn.Module):
 
     def forward(
         self, input_ids: Tensor, targets: Tensor, *, temperature: float, with_entropy: bool = False,
-        kappa: float | None = None, pack_capacity: int | None = None,
+        kappa: float | None = None, pack_capacity: int | None = None, share_prompts: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """input_ids, targets [B, L] (targets = next token, IGNORE_INDEX where not scored).
 
@@ -29,10 +30,22 @@ class Policy(nn.Module):
         causal attention never lets a real token see the padding after it.
         ``pack_capacity`` (not None): the decoder runs on the samples packed into rows of
         that many tokens (0 = all in one row; ``asyncrl.learner.packing``); the results
-        come back in the same [B, L] layout.
+        come back in the same [B, L] layout. ``share_prompts`` (with packing, where
+        :attr:`shares_prompts`): a group's samples share one copy of their prompt in
+        the packed rows (``asyncrl.learner.shared_prompts``).
         """
         shape = targets.shape
-        if pack_capacity is None:
+        if pack_capacity is not None and share_prompts and self.shares_prompts:
+            packed = pack_shared(input_ids, targets, pad_id=0, capacity=pack_capacity)
+            hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                                   attention_mask={"full_attention": None},
+                                   prompt_spans=packed.attention).last_hidden_state  # (R, C, D)
+            mask = targets != IGNORE_INDEX
+            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.slots[mask])  # shared slots repeat
+            y = targets[mask]
+            def place(v: Tensor, fill: float) -> Tensor:
+                return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+        elif pack_capacity is None:
             hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
             mask = targets != IGNORE_INDEX
             h, y = hidden[mask], targets[mask]  # (N, D), (N,)
@@ -56,6 +69,14 @@ class Policy(nn.Module):
                 proxy = token_proxy_logprobs(h.detach(), weight.detach(), y, kappa=kappa, temperature=temperature)
             proxy_full = place(proxy, float("-inf"))
         return lp_full, ent_full, proxy_full
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether packed rows can share prompts: only ``SDPA_VARLEN`` spans express a
+        context, and only on full-attention layers (a context is not a window)."""
+        config = self.lm.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        return config._attn_implementation == SDPA_VARLEN and layer_types == {"full_attention"}
 
     def _packed_attention(self, packed: Packed) -> dict:
         """The decoder's extra arguments for packed rows: the spans for SDPA_VARLEN, and

@@ -16,6 +16,7 @@ from asyncrl.config import Config
 from asyncrl.learner.batch import Batch, rank_rows
 from asyncrl.learner.packing import input_positions, row_lengths, split_to_count, token_budget_slices
 from asyncrl.learner.policy import Policy
+from asyncrl.learner.shared_prompts import shared_positions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def old_policy_pass(policy: Policy, batch: Batch, micro: list[list[slice]], cfg:
         for mb in slices:
             before_micro()
             lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
-                               with_entropy=True, kappa=kappa, pack_capacity=pack_capacity(cfg))
+                               with_entropy=True, kappa=kappa, pack_capacity=pack_capacity(cfg), share_prompts=cfg.learner.share_prompts)
             old[mb], ent[mb] = lp, e
             if proxy is not None:
                 proxy[mb] = px
@@ -110,7 +111,8 @@ def train_on_batch(
             sl = slice(base + sl.start, base + sl.stop)
             before_micro()
             lp, e, _ = policy(batch.input_ids[sl], batch.targets[sl], temperature=cfg.generator.temperature,
-                              with_entropy=algo.needs_entropy or skip_old, pack_capacity=pack_capacity(cfg))
+                              with_entropy=algo.needs_entropy or skip_old, pack_capacity=pack_capacity(cfg),
+                              share_prompts=lc.share_prompts)
             if skip_old and torch.is_grad_enabled():
                 ent[sl], pre_update[sl] = e.detach(), lp.detach()
             return lp, e if algo.needs_entropy else None
@@ -154,13 +156,28 @@ def train_on_batch(
     out["mismatch/logprob_diff_max"] = float(diff_max)
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
     out["train/skipped_steps"] = skipped
-    positions = torch.tensor(input_positions(lengths, [m for mb in micro for m in mb], mask.shape[1],
-                                             pack_capacity(cfg)), dtype=torch.float64)
-    dist.all_reduce(positions)  # the decoder's input over all ranks: real tokens, positions computed
-    out["perf/padding_frac"] = float(1 - positions[0] / positions[1]) if positions[1] else 0.0
+    positions = torch.tensor(decoder_positions(policy, batch, lengths, [m for mb in micro for m in mb], cfg),
+                             dtype=torch.float64)
+    dist.all_reduce(positions)  # over all ranks: real tokens, positions computed, of them padding
+    real, computed, padding = positions.tolist()
+    out["perf/padding_frac"] = padding / computed if computed else 0.0
+    out["perf/shared_frac"] = (real - (computed - padding)) / real if real else 0.0  # real tokens not recomputed
     if "lpreg/kl_sum" in out:
         out["lpreg/kl_mean"] = out["lpreg/kl_sum"] / max(out["lpreg/regularised"], 1.0)
     return out
+
+
+def decoder_positions(policy: Policy, batch: Batch, lengths: Tensor, micro: list[slice],
+                      cfg: Config) -> tuple[int, int, int]:
+    """(real tokens, positions the decoder computes, of them padding) over ``micro``, in
+    the layout the forward uses: padded rows, packed rows, or packed rows with shared
+    prompts (fewer positions than real tokens)."""
+    capacity = pack_capacity(cfg)
+    if capacity is not None and cfg.learner.share_prompts and policy.shares_prompts:
+        counts = [shared_positions(batch.input_ids[sl], batch.targets[sl], capacity) for sl in micro]
+        return tuple(sum(c[i] for c in counts) for i in range(3))
+    real, computed = input_positions(lengths, micro, batch.input_ids.shape[1], capacity)
+    return real, computed, computed - real
 
 
 def finite_step(grad_norm: Tensor, local_loss: Tensor) -> bool:

@@ -161,7 +161,7 @@ def test_two_ranks_match_one_rank(results, initial, name):
     assert_same_weights(state1, state2, f"{name}: 1 vs 2 ranks")
     assert metrics1.keys() == metrics2.keys()
     for k in metrics1:
-        if k != "perf/padding_frac":  # the layout of the decoder's input depends on the split
+        if k not in ("perf/padding_frac", "perf/shared_frac"):  # the decoder's layout depends on the split
             assert metrics2[k] == pytest.approx(metrics1[k], abs=ATOL, rel=ATOL), k
 
 
@@ -173,6 +173,9 @@ def test_packing_removes_the_padding(results):
         rows = results[world]["lpreg_2mb_packed_rows"][1]["perf/padding_frac"]
         assert results[world]["lpreg_2mb_packed"][1]["perf/padding_frac"] == 0.0
         assert padded > 0.1 and rows > 0.1, (padded, rows)
+        # the packed rows also computed each group's prompt once (learner.share_prompts)
+        assert results[world]["lpreg_2mb_packed"][1]["perf/shared_frac"] > 0.1
+        assert results[world]["lpreg_2mb"][1]["perf/shared_frac"] == 0.0
 
 
 def test_lpreg_screens_and_filters_tokens(results):
