@@ -108,6 +108,7 @@ class HFEngine:
         cache is rebuilt with them (one prefill over prompt + tokens so far), so every
         token after the update is sampled exactly from the new policy.
 
+        The prefill runs each prompt once and copies its KV cache to its ``n`` rows.
         Rows that have finished leave the decoder's batch (with their KV-cache rows) once
         at most half of it is still decoding, so a few long answers do not keep the whole
         batch running. Every row still takes its draw from the sampling stream at every
@@ -146,10 +147,17 @@ class HFEngine:
                 cache, cache_version = BufferCache(self.num_layers, P + T), self.version
                 step_ids = torch.cat([prompt, tokens[:, :t]], dim=-1)[live]
                 step_pos = (attn[live, : P + t].cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(
-                input_ids=step_ids, attention_mask=attn[live, : P + t] if padded else None, position_ids=step_pos,
-                use_cache=True, **self.keep_last, **{self.cache_kw: cache},
-            ).logits[:, -1]
+            if t == 0 and params.n > 1:  # each prompt once; its n rows copy its cache and logits
+                logits = self.model(
+                    input_ids=step_ids[:: params.n], attention_mask=attn[:: params.n, :P] if padded else None,
+                    position_ids=step_pos[:: params.n], use_cache=True, **self.keep_last, **{self.cache_kw: cache},
+                ).logits[:, -1].repeat_interleave(params.n, 0)
+                cache.batch_select_indices(torch.arange(B // params.n, device=self.device).repeat_interleave(params.n))
+            else:
+                logits = self.model(
+                    input_ids=step_ids, attention_mask=attn[live, : P + t] if padded else None,
+                    position_ids=step_pos, use_cache=True, **self.keep_last, **{self.cache_kw: cache},
+                ).logits[:, -1]
             if len(live) < B:  # rows that left draw too (from any distribution): the stream stays aligned
                 logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, live, logits)
             tok, logp = self._pick(logits, params)

@@ -85,3 +85,22 @@ def test_weight_update_after_rows_left(model_dirs):
     rows, positions = shapes[12]
     decoding = sum(len(c.token_ids) > 12 for c in flat(outs[1]))
     assert positions == max(map(len, prompts)) + 12 and decoding <= rows < len(prompts) * params.n, shapes
+
+
+def test_prefill_runs_each_prompt_once(model_dirs):
+    """The prefill computes each prompt once (n rows copy its cache): the first forward
+    has one row per prompt, and the samples are those of the same prompts repeated
+    n times with n = 1 (which prefills every row), left padding included."""
+    tok = load_tokenizer(str(model_dirs[0]))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    grouped = SamplingParams(n=6, max_tokens=16, temperature=1.2, stop_token_ids=(tok.eos_token_id,))
+    single = SamplingParams(n=1, max_tokens=16, temperature=1.2, stop_token_ids=(tok.eos_token_id,))
+    once = HFEngine(load_model(str(model_dirs[0])), pad_id=tok.pad_token_id, seed=3)
+    every = HFEngine(load_model(str(model_dirs[0])), pad_id=tok.pad_token_id, seed=3)
+    shapes_once, shapes_every = input_shapes(once), input_shapes(every)
+    a = once.generate(prompts, grouped)
+    b = every.generate([p for p in prompts for _ in range(6)], single)
+    assert shapes_once[0] == (len(prompts), max(map(len, prompts))) and shapes_every[0][0] == 6 * len(prompts)
+    assert shapes_once[1][0] == 6 * len(prompts)  # then every row decodes
+    assert_same_samples(a, b)
+    assert len({tuple(c.token_ids) for c in flat(a)}) > len(prompts)  # the rows of a prompt sample apart
