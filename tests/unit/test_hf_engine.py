@@ -176,3 +176,36 @@ def test_load_weights_rejects_unknown_names(model_dir, tok):
     with pytest.raises(KeyError, match="model.layers.99.bogus"):
         engine.load_weights([("model.layers.99.bogus", torch.zeros(3))], version=3)
     assert engine.version == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_is_sdpa(masked):
+    """The engine's decode-step attention equals transformers' sdpa (float64), grouped
+    query heads and left-padding masks included; longer queries (a prefill) are sdpa's."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from asyncrl.generator.hf import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    B, H, Hkv, L, d = 5, 6, 2, 9, 8
+    key, value = (torch.randn(B, Hkv, L, d, generator=g, dtype=torch.float64) for _ in range(2))
+    for q_len in (1, 4):
+        query = torch.randn(B, H, q_len, d, generator=g, dtype=torch.float64)
+        mask = None
+        if masked:  # row b skips its first b positions (left padding), causal over the rest
+            mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)
+            for b in range(B):
+                mask[b, :, :, :b] = False
+        want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        got, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+        assert got.shape == want.shape == (B, q_len, H, d)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_engine_uses_the_decode_attention(model_dir, tok):
+    from asyncrl.generator.hf import DECODE_ATTENTION
+
+    assert engine_for(model_dir, tok).model.config._attn_implementation == DECODE_ATTENTION
