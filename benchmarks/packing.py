@@ -7,7 +7,8 @@ the real ``build_batch``, whose response lengths span ``--min-len``..``--max-len
 (``perf/padding_frac``, over all steps: exact and deterministic) and trained tokens per
 second (real response tokens / step time), median over ``--steps`` timed steps after
 one warm-up. Packed rows use ``asyncrl.learner.attention`` (one causal sdpa span per
-sample) unless the setup says sdpa: transformers' dense block-diagonal mask.
+sample) unless the setup says sdpa: transformers' dense block-diagonal mask; the last
+setup also computes each group's prompt once (``learner.share_prompts``).
 
     PYTHONPATH=. python benchmarks/packing.py                 # table + benchmarks/results/packing.json
     PYTHONPATH=. python benchmarks/packing.py --padding-only  # the padding fractions only, no model, seconds
@@ -77,23 +78,23 @@ def make_config(model_dir: Path | str, learner: dict, args):
                             "algo": {"type": args.algo}}, Config)
 
 
-def padding(learner: dict, args) -> float:
+def padding(learner: dict, attention: str | None, args) -> float:
     """The decoder input's padding fraction over all steps' batches, as train_on_batch
     lays them out (the same micro-batches and packed rows), without running a model."""
     from asyncrl.learner.batch import rank_rows
-    from asyncrl.learner.packing import input_positions, row_lengths
-    from asyncrl.learner.train import micro_batches, pack_capacity
+    from asyncrl.learner.packing import row_lengths
+    from asyncrl.learner.train import decoder_positions, micro_batches
 
     cfg = make_config("unused", learner, args)
-    real = processed = 0
+    padded = computed = 0
     for step in range(args.steps + 1):
         batch = rollout(step, args.prompts, args.samples, (args.min_len, args.max_len), args.vocab, 0)
         lengths = row_lengths(batch.targets)
         rows = rank_rows(batch.input_ids.shape[0], cfg.learner.ppo_mini_batches, 1, 0)
         micro = [m for r in rows for m in micro_batches(r, lengths, cfg)]
-        n, p = input_positions(lengths, micro, batch.input_ids.shape[1], pack_capacity(cfg))
-        real, processed = real + n, processed + p
-    return 1 - real / processed
+        _, c, p = decoder_positions(batch, lengths, micro, cfg, shares_prompts=attention is None)
+        computed, padded = computed + c, padded + p
+    return padded / computed
 
 
 def measure(model_dir: Path, learner: dict, attention: str | None, args) -> dict:
@@ -128,7 +129,8 @@ def measure(model_dir: Path, learner: dict, attention: str | None, args) -> dict
     step_s = statistics.median(t for t, _, _ in times)
     return {"learner": learner, "attention": attention or policy.lm.config._attn_implementation, "step_s": step_s,
             "tokens_per_s": statistics.median(n / t for t, n, _ in times),
-            "tokens_per_cpu_s": statistics.median(n / c for _, n, c in times), "padding_frac": padding(learner, args),
+            "tokens_per_cpu_s": statistics.median(n / c for _, n, c in times), "padding_frac": padding(learner, attention, args),
+            "shared_frac": stats["perf/shared_frac"],
             "loss": stats["loss/total"]}
 
 
@@ -155,13 +157,15 @@ def main() -> None:
     setups = {  # name: (learner settings, attention implementation or None = the policy's own)
         "padded, 16 rows per micro-batch": ({"micro_batch_size": 16}, None),
         "padded, token budget": (budget, None),
-        "packed, one row per micro-batch": ({**budget, "packing": True}, None),
-        "packed, rows of 2048 tokens": ({**budget, "packing": True, "pack_row_tokens": 2048}, None),
+        "packed, one row per micro-batch": ({**budget, "packing": True, "share_prompts": False}, None),
+        "packed, rows of 2048 tokens": ({**budget, "packing": True, "pack_row_tokens": 2048, "share_prompts": False},
+                                        None),
         "packed, rows of 2048 tokens, sdpa mask": ({**budget, "packing": True, "pack_row_tokens": 2048}, "sdpa"),
+        "packed, one row per micro-batch, prompts shared": ({**budget, "packing": True}, None),
     }
     if args.padding_only:
-        for name, (learner, _) in setups.items():
-            print(f"{name}: padding {100 * padding(learner, args):.2f}%")
+        for name, (learner, attention) in setups.items():
+            print(f"{name}: padding {100 * padding(learner, attention, args):.2f}%")
         dist.destroy_process_group()
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,10 +175,11 @@ def main() -> None:
     base = results["padded, 16 rows per micro-batch"]["tokens_per_s"]
     # CPU seconds (all threads) drift less than wall time when other processes share the cores
     cpu_base = results["padded, 16 rows per micro-batch"]["tokens_per_cpu_s"]
-    lines = ["| setup | padding | trained tokens/s | vs padded | step s | tokens/CPU-s | vs padded | loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| setup | padding | prompt tokens shared | trained tokens/s | vs padded | step s | tokens/CPU-s | "
+             "vs padded | loss |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        lines.append(f"| {name} | {100 * r['padding_frac']:.1f}% | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {name} | {100 * r['padding_frac']:.1f}% | {100 * r['shared_frac']:.1f}% | "
+                     f"{r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / base:.2f}x | {r['step_s']:.2f} | {r['tokens_per_cpu_s']:.0f} | "
                      f"{r['tokens_per_cpu_s'] / cpu_base:.2f}x | {r['loss']:.6f} |")
     print("\n".join(lines))  # the benchmark's table

@@ -62,48 +62,38 @@ def sdpa_varlen_attention(
 
 
 @dataclass(frozen=True)
-class SpanBucket:
-    """One sdpa call over S spans of similar size, each padded to the bucket's M
-    queries and K keys. Positions are flat indices over the rows read row-major; the
-    gathers are ``index_select`` (their backward an ``index_add``, cheap where the
-    keys of a shared context repeat)."""
-
-    queries: Tensor  # (S * M,) each span's query positions (padding: its first key)
-    keys: Tensor  # (S * K,) its context's positions, then its own (padding: its first key)
-    mask: Tensor  # (S, 1, M, K) bool: the whole context, own keys causally
-    real: Tensor  # (real queries,) indices into S * M of the real ones
-    shape: tuple[int, int, int]  # S, M, K
-
-
-@dataclass(frozen=True)
 class SpanAttention:
-    """Attention over spans with contexts, in a few batched sdpa calls: spans sorted by
-    key length and bucketed so that no span's keys are padded past 1/``BUCKET_FILL``
-    of their length; ``order`` puts the buckets' real queries back in flat order."""
+    """Attention over spans with contexts, in a few batched causal sdpa calls.
 
-    buckets: tuple[SpanBucket, ...]
-    order: Tensor  # (positions,) int64
+    Each span becomes a sequence of its context's positions then its own, padded at
+    the end to its bucket's length: under causal attention its own queries see the
+    whole context and their own earlier tokens and never the padding after them, so
+    no mask is needed (and sdpa skips the blocks above the diagonal). Spans are sorted
+    by sequence length and bucketed so that none is padded past 1/``BUCKET_FILL`` of
+    its length; a span of ``LONG_SPAN`` positions or more gets a call of its own.
+
+    Positions are flat indices over the rows read row-major. One ``index_select``
+    gathers every bucket's sequences (its backward is one ``index_add``, also where a
+    shared context's positions repeat) and one puts the spans' own queries back."""
+
+    gather: Tensor  # (sum of S * K,) the buckets' sequences, end to end (padding: a span's first position)
+    shapes: tuple[tuple[int, int], ...]  # each bucket's S sequences of K positions
+    scatter: Tensor  # (positions,) where each flat position's own query is in the gathered outputs
     positions: int
 
 
 BUCKET_FILL = 0.75
+LONG_SPAN = 256
 
 
-def _bucket(group: list[tuple[int, int, int, int]], device: torch.device) -> SpanBucket:
-    a, n, ca, cn = (torch.tensor(col, dtype=torch.long)[:, None, None] for col in zip(*group))  # (S, 1, 1)
-    S, M, K = len(group), int(n.max()), int((n + cn).max())
-    i = torch.arange(M)[None, :, None]  # query row
-    j = torch.arange(K)[None, None, :]  # key column
+def _sequences(group: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor, int]:
+    """A bucket's (S, K) positions and the (S, K) mask of the spans' own queries."""
+    a, n, ca, cn = (torch.tensor(col, dtype=torch.long)[:, None] for col in zip(*group))  # (S, 1)
+    K = int((n + cn).max())
+    j = torch.arange(K)[None, :]  # place in the span's sequence
     first = torch.where(cn > 0, ca, a)
-    own = j - cn  # a key's place in the span's own tokens
-    mask = (i < n) & ((j < cn) | ((own >= 0) & (own <= i)))
-    mask |= (i >= n) & (j == 0)  # padded queries see one real key (no NaN); dropped after
-    queries = torch.where(i[..., 0] < n[..., 0], a[..., 0] + i[..., 0], first[..., 0])  # (S, M)
-    keys = torch.where(j[:, 0] < cn[..., 0], ca[..., 0] + j[:, 0],
-                       torch.where(own[:, 0] < n[..., 0], a[..., 0] + own[:, 0], first[..., 0]))  # (S, K)
-    real = (i[..., 0] < n[..., 0]).reshape(-1).nonzero().squeeze(-1)
-    return SpanBucket(queries.reshape(-1).to(device), keys.reshape(-1).to(device), mask[:, None].to(device),
-                      real.to(device), (S, M, K))
+    index = torch.where(j < cn, ca + j, torch.where(j < cn + n, a + j - cn, first))
+    return index, (j >= cn) & (j < cn + n), K
 
 
 def plan_span_attention(spans: list[tuple[int, int, int, int]], device: torch.device) -> SpanAttention:
@@ -119,15 +109,22 @@ def plan_span_attention(spans: list[tuple[int, int, int, int]], device: torch.de
             raise ValueError(f"span {s}: its context is not an earlier span")
     groups: list[list[tuple[int, int, int, int]]] = []
     for s in sorted(spans, key=lambda s: -(s[1] + s[3])):
-        if groups and s[1] + s[3] >= BUCKET_FILL * (groups[-1][0][1] + groups[-1][0][3]):
+        head = groups[-1][0][1] + groups[-1][0][3] if groups else 0
+        if groups and head < LONG_SPAN and s[1] + s[3] >= BUCKET_FILL * head:
             groups[-1].append(s)
         else:
             groups.append([s])
+    gathers, owns, shapes = [], [], []
+    for g in groups:
+        index, own, K = _sequences(g)
+        gathers.append(index.reshape(-1))
+        owns.append(own.reshape(-1))
+        shapes.append((len(g), K))
+    gather, own = torch.cat(gathers), torch.cat(owns)
     N = starts[-1] + lengths[-1]
-    real = torch.cat([torch.arange(a, a + n) for g in groups for a, n, _, _ in g])
-    order = torch.empty(N, dtype=torch.long)
-    order[real] = torch.arange(N)
-    return SpanAttention(tuple(_bucket(g, device) for g in groups), order.to(device), N)
+    scatter = torch.empty(N, dtype=torch.long)
+    scatter[gather[own]] = own.nonzero().squeeze(-1)  # every position is one span's own query once
+    return SpanAttention(gather.to(device), tuple(shapes), scatter.to(device), N)
 
 
 def span_batch_attention(query: Tensor, key: Tensor, value: Tensor, plan: SpanAttention, dropout: float,
@@ -137,16 +134,16 @@ def span_batch_attention(query: Tensor, key: Tensor, value: Tensor, plan: SpanAt
     if R * C != plan.positions:
         raise ValueError(f"the span plan covers {plan.positions} positions, the rows hold {R * C}")
     gqa = H != key.shape[1]
-    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], R * C, d) for t in (query, key, value))  # rows end to end
+    sizes = [S * K for S, K in plan.shapes]
+    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], R * C, d).index_select(1, plan.gather).split(sizes, dim=1)
+               for t in (query, key, value))  # each bucket's sequences
     outs = []
-    for b in plan.buckets:
-        S, M, K = b.shape
-        take = lambda t, idx, n: t.index_select(1, idx).reshape(t.shape[0], S, n, d).transpose(0, 1)  # noqa: E731
-        out = F.scaled_dot_product_attention(take(q, b.queries, M), take(k, b.keys, K), take(v, b.keys, K),
-                                             attn_mask=b.mask, dropout_p=dropout, scale=scaling,
-                                             enable_gqa=gqa)  # (S, H, M, d)
-        outs.append(out.transpose(0, 1).reshape(H, S * M, d).index_select(1, b.real))
-    out = torch.cat(outs, dim=1).index_select(1, plan.order)  # (H, R*C, d) in flat order
+    for (S, K), qb, kb, vb in zip(plan.shapes, q, k, v):
+        seq = lambda t: t.reshape(t.shape[0], S, K, d).transpose(0, 1)  # noqa: E731  (S, heads, K, d)
+        out = F.scaled_dot_product_attention(seq(qb), seq(kb), seq(vb), dropout_p=dropout, scale=scaling,
+                                             is_causal=True, enable_gqa=gqa)
+        outs.append(out.transpose(0, 1).reshape(H, S * K, d))
+    out = torch.cat(outs, dim=1).index_select(1, plan.scatter)  # (H, R*C, d) in flat order
     return out.reshape(H, R, C, d).permute(1, 2, 0, 3).contiguous()
 
 

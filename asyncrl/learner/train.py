@@ -156,7 +156,8 @@ def train_on_batch(
     out["mismatch/logprob_diff_max"] = float(diff_max)
     out["train/grad_norm"] = float(torch.stack(grad_norms).mean())
     out["train/skipped_steps"] = skipped
-    positions = torch.tensor(decoder_positions(policy, batch, lengths, [m for mb in micro for m in mb], cfg),
+    positions = torch.tensor(decoder_positions(batch, lengths, [m for mb in micro for m in mb], cfg,
+                                               policy.shares_prompts),
                              dtype=torch.float64)
     dist.all_reduce(positions)  # over all ranks: real tokens, positions computed, of them padding
     real, computed, padding = positions.tolist()
@@ -167,13 +168,13 @@ def train_on_batch(
     return out
 
 
-def decoder_positions(policy: Policy, batch: Batch, lengths: Tensor, micro: list[slice],
-                      cfg: Config) -> tuple[int, int, int]:
+def decoder_positions(batch: Batch, lengths: Tensor, micro: list[slice], cfg: Config,
+                      shares_prompts: bool) -> tuple[int, int, int]:
     """(real tokens, positions the decoder computes, of them padding) over ``micro``, in
     the layout the forward uses: padded rows, packed rows, or packed rows with shared
-    prompts (fewer positions than real tokens)."""
+    prompts (fewer positions than real tokens; ``shares_prompts``: the policy can)."""
     capacity = pack_capacity(cfg)
-    if capacity is not None and cfg.learner.share_prompts and policy.shares_prompts:
+    if capacity is not None and cfg.learner.share_prompts and shares_prompts:
         counts = [shared_positions(batch.input_ids[sl], batch.targets[sl], capacity) for sl in micro]
         return tuple(sum(c[i] for c in counts) for i in range(3))
     real, computed = input_positions(lengths, micro, batch.input_ids.shape[1], capacity)

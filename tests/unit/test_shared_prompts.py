@@ -160,7 +160,7 @@ def test_span_attention_matches_dense_masks():
     N, H, Hkv, d = 48, 4, 2, 8
     q, k, v = (torch.randn(1, h, N, d, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
     plan = plan_span_attention(spans, torch.device("cpu"))
-    assert len(plan.buckets) > 2
+    assert len(plan.shapes) > 2
     w = torch.randn(1, N, H, d, dtype=torch.float64)
     got = span_batch_attention(q, k, v, plan, 0.0, None)
     want = dense_span_attention(q, k, v, spans)
