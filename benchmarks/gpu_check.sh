@@ -8,7 +8,8 @@
 #   2. fwd+bwd time / peak memory at D=1536 and D=3584, V=151936, N=16384 beside
 #      dense PyTorch and a cuBLAS GEMM of the same shape (JSON to $OUT if set);
 #   3. a real learner training step (Qwen2.5-0.5B-sized random Qwen3, GRPO and Lp-Reg), and with
-#      responses of 10x varying length, packing off and on (learner.packing).
+#      responses of 10x varying length, 8 per prompt: padded, packed (learner.packing),
+#      packed with each prompt once (learner.share_prompts).
 # Stops at the first error with a message saying which step failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,6 @@ echo "== 2/3 performance: benchmarks/gpu_kernels.py"
 python benchmarks/gpu_kernels.py ${OUT:+--json "$OUT/gpu_kernels.json"} || fail "benchmark (benchmarks/gpu_kernels.py)"
 echo "== 3/3 a real learner step: benchmarks/gpu_train_step.py (FSDP2, bf16, Triton kernels, GRPO + Lp-Reg)"
 python benchmarks/gpu_train_step.py ${OUT:+--json "$OUT/gpu_train_step.json"} || fail "training step (benchmarks/gpu_train_step.py)"
-echo "== 3b/3 the same step with responses of 10x varying length, packing off and on (learner.packing)"
-python benchmarks/gpu_train_step.py --vary ${OUT:+--json "$OUT/gpu_train_step_packing.json"} || fail "packed training step (benchmarks/gpu_train_step.py --vary)"
+echo "== 3b/3 the same step with responses of 10x varying length, 8 per prompt: padded, packed, packed with shared prompts"
+python benchmarks/gpu_train_step.py --vary --groups 8 ${OUT:+--json "$OUT/gpu_train_step_packing.json"} || fail "packed training step (benchmarks/gpu_train_step.py --vary)"
 echo "gpu_check.sh: OK"

@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--vary", action="store_true",
                     help="response lengths uniform in [length/10, length] (right-padded), each algorithm with "
                          "learner.packing off and on (issue #15)")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="samples per prompt: consecutive rows share their first --prompt tokens; with --vary, "
+                         "packing also runs with learner.share_prompts off and on")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -61,6 +64,9 @@ def main() -> None:
     S, L, P = a.seqs, a.length, a.prompt
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151936, (S, L), generator=g)
+    if S % a.groups:
+        raise SystemExit(f"--seqs {S} is not a multiple of --groups {a.groups}")
+    ids[:, :P] = ids[torch.arange(S) // a.groups * a.groups, :P]  # a group's rows: one prompt
     tgt = ids.roll(-1, 1).clone()
     tgt[:, : P - 1] = IGNORE_INDEX
     tgt[:, -1] = IGNORE_INDEX
@@ -72,12 +78,14 @@ def main() -> None:
     batch = Batch(ids, tgt, torch.zeros(S, L), versions, torch.randn(S, generator=g), torch.rand(S, generator=g))
     tokens = int((tgt != IGNORE_INDEX).sum())
     results = []
-    for algo, packing in [(al, pk) for al in ("grpo", "lpreg") for pk in ((False, True) if a.vary else (False,))]:
+    layouts = [(False, False)] + ([(True, False)] + [(True, True)] * (a.groups > 1) if a.vary else [])
+    for algo, (packing, share) in [(al, lay) for al in ("grpo", "lpreg") for lay in layouts]:
         cfg = load_config("quickstart", [f"model.path={model_dir}", "model.dtype=bfloat16", f"algo.type={algo}",
                                          f"learner.packing={str(packing).lower()}",
+                                         f"learner.share_prompts={str(share).lower()}",
                                          f"learner.micro_batch_size={a.micro}", f"generator.max_tokens={L}",
-                                         "learner.lr=1e-6", f"learner.prompts_per_step={S}",
-                                         "generator.samples_per_prompt=1"])
+                                         "learner.lr=1e-6", f"generator.samples_per_prompt={a.groups}",
+                                         f"learner.prompts_per_step={S // a.groups}"])
         policy, opt = build_policy(cfg)
         all_gather = dist_all_gather()
         # on-policy samples: the behaviour log-probs are the policy's own (zeros would make
@@ -95,13 +103,16 @@ def main() -> None:
             sync()
             times.append(time.perf_counter() - t0)
         finite = all(map(lambda v: v == v and abs(v) != float("inf"), (stats["loss/total"], stats["train/grad_norm"])))
-        r = {"algo": algo, "packing": packing, "padding_frac": stats.get("perf/padding_frac", float("nan")),
+        r = {"algo": algo, "packing": packing, "share_prompts": share,
+             "padding_frac": stats.get("perf/padding_frac", float("nan")),
+             "shared_frac": stats.get("perf/shared_frac", 0.0),
              "step_s": min(times), "tokens": tokens, "tokens_per_s": tokens / min(times),
              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), "loss": stats["loss/total"],
              "grad_norm": stats["train/grad_norm"], "entropy": stats["train/entropy"], "finite": finite,
              "regularised": stats.get("lpreg/regularised", 0.0)}
         results.append(r)
-        print(f"{algo:>6}{' packed' if packing else ''}: padding {r['padding_frac']:.1%}  {r['step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tok/s  peak {r['peak_gib']:.1f} GiB  "
+        print(f"{algo:>6}{' packed' if packing else ''}{' shared' if share else ''}: padding {r['padding_frac']:.1%}  "
+              f"shared {r['shared_frac']:.1%}  {r['step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tok/s  peak {r['peak_gib']:.1f} GiB  "
               f"loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  entropy {r['entropy']:.3f}  "
               f"regularised {r['regularised']:.0f}", flush=True)
         del policy, opt

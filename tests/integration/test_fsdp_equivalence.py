@@ -100,7 +100,8 @@ def run_case(model_dir: str, name: str, world: int):
     if name.endswith("_sgd"):
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     else:  # what the learner uses (asyncrl.learner.main.build_policy)
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0,
+                                fused=True)
     batch = make_batch(tok.pad_token_id, tok.eos_token_id, len(tok), cfg.algo.scale_advantages)
     metrics = train_on_batch(policy, opt, build_algorithm(cfg.algo), batch, cfg, dist_all_gather())
     return full_state_dict(policy), metrics

@@ -47,7 +47,8 @@ def worker(rank: int, mode: str, port: int, model_dir: str, out: str) -> None:
         mesh = build_mesh("cpu", world, mesh=mesh_kind, ranks_per_node=per_node)
         assert mesh.ndim == (2 if mesh_kind == "hybrid" else 1)
         apply_fsdp(policy, mesh, activation_checkpointing=ac)
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0,
+                                fused=True)
         batch = make_batch(tok.pad_token_id, tok.eos_token_id, len(tok), cfg.algo.scale_advantages)
         metrics = train_on_batch(policy, opt, build_algorithm(cfg.algo), batch, cfg, dist_all_gather())
         state = full_state_dict(policy)
