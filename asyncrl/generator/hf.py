@@ -41,23 +41,24 @@ DECODE_ATTENTION = "asyncrl_decode"
 
 def decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
-    """sdpa, except for one query per row (a decode step): two batched matmuls over
-    the rows' cached keys, each query group against its shared key-value head. On the
-    CPU that is ~20% faster than sdpa's flash kernel for the few keys of a decode
-    step (generation -9% on the quickstart)."""
+    """sdpa, except for one query per row (a decode step) with at most a boolean mask:
+    two batched matmuls over the rows' cached keys, each query group against its shared
+    key-value head, the softmax in float32. On the CPU that is ~20% faster than sdpa's
+    flash kernel for the few keys of a decode step (generation -9% on the quickstart).
+    Anything else (a prefill, dropout, additive masks, position biases, sinks, softcaps)
+    is sdpa's."""
     B, H, q_len, d = query.shape
-    if q_len != 1 or dropout or kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+    plain = all(kwargs.get(k) is None for k in ("s_aux", "softcap", "position_bias"))
+    if q_len != 1 or dropout or not plain or (attention_mask is not None and attention_mask.dtype != torch.bool):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     Hkv, L = key.shape[1], key.shape[2]
-    group = H // Hkv
-    scores = torch.matmul(query.reshape(B, Hkv, group, d), key.transpose(-1, -2))  # (B, Hkv, group, L)
-    scores = scores * (d**-0.5 if scaling is None else scaling)
-    if attention_mask is not None:  # (B, 1, 1, >= L): bool (attend) or additive
-        mask = attention_mask[:, :, -1:, :L]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = torch.matmul(scores.softmax(-1), value)  # (B, Hkv, group, d)
-    return out.reshape(B, 1, H, d), None
+    scores = torch.matmul(query.reshape(B, Hkv, H // Hkv, d), key.transpose(-1, -2))  # (B, Hkv, group, L)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (d**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # (B, 1, 1, >= L), True = attend
+        scores = scores.masked_fill(~attention_mask[:, :, -1:, :L], float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (B, Hkv, group, dv)
+    return out.reshape(B, 1, H, value.shape[-1]), None
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
@@ -113,8 +114,8 @@ class HFEngine:
     def __init__(self, model: PreTrainedModel, pad_id: int, seed: int = 0, version: int = 0,
                  drop_finished: bool = True) -> None:
         self.model = model.eval()
-        if model.config._attn_implementation == "sdpa":  # the same sdpa, with a leaner decode step
-            model.set_attn_implementation(DECODE_ATTENTION)
+        if model.config._attn_implementation == "sdpa" and next(model.parameters()).device.type == "cpu":
+            model.set_attn_implementation(DECODE_ATTENTION)  # the same sdpa, a leaner decode step (measured on CPU)
         self.drop_finished = drop_finished  # False: finished rows stay in the batch (tests compare the two)
         self.pad_id = pad_id
         self.version = version

@@ -74,7 +74,11 @@ class SpanAttention:
 
     Positions are flat indices over the rows read row-major. One ``index_select``
     gathers every bucket's sequences (its backward is one ``index_add``, also where a
-    shared context's positions repeat) and one puts the spans' own queries back."""
+    shared context's positions repeat: on CUDA that sums with atomics, so gradients
+    are reproducible to rounding only) and one puts the spans' own queries back. An
+    answer's sequence recomputes its context's queries, whose outputs are dropped:
+    its attention costs what it costs unshared, and the linear layers see the
+    context once."""
 
     gather: Tensor  # (sum of S * K,) the buckets' sequences, end to end (padding: a span's first position)
     shapes: tuple[tuple[int, int], ...]  # each bucket's S sequences of K positions
@@ -135,16 +139,17 @@ def span_batch_attention(query: Tensor, key: Tensor, value: Tensor, plan: SpanAt
         raise ValueError(f"the span plan covers {plan.positions} positions, the rows hold {R * C}")
     gqa = H != key.shape[1]
     sizes = [S * K for S, K in plan.shapes]
-    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], R * C, d).index_select(1, plan.gather).split(sizes, dim=1)
-               for t in (query, key, value))  # each bucket's sequences
+    # positions first: (R*C, heads, d) is a view of the projections' layout, and each
+    # bucket's (S, heads, K, d) below has the strides sdpa gets from any transformers model
+    q, k, v = (t.transpose(1, 2).reshape(R * C, t.shape[1], d).index_select(0, plan.gather).split(sizes)
+               for t in (query, key, value))
     outs = []
     for (S, K), qb, kb, vb in zip(plan.shapes, q, k, v):
-        seq = lambda t: t.reshape(t.shape[0], S, K, d).transpose(0, 1)  # noqa: E731  (S, heads, K, d)
+        seq = lambda t: t.reshape(S, K, t.shape[1], d).transpose(1, 2)  # noqa: E731  (S, heads, K, d)
         out = F.scaled_dot_product_attention(seq(qb), seq(kb), seq(vb), dropout_p=dropout, scale=scaling,
                                              is_causal=True, enable_gqa=gqa)
-        outs.append(out.transpose(0, 1).reshape(H, S * K, d))
-    out = torch.cat(outs, dim=1).index_select(1, plan.scatter)  # (H, R*C, d) in flat order
-    return out.reshape(H, R, C, d).permute(1, 2, 0, 3).contiguous()
+        outs.append(out.transpose(1, 2).reshape(S * K, H, d))
+    return torch.cat(outs).index_select(0, plan.scatter).reshape(R, C, H, d)  # flat order, as sdpa returns
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from asyncrl.generator.hf import DECODE_ATTENTION
 from asyncrl.kernels import IGNORE_INDEX, token_logprobs, token_proxy_logprobs
 from asyncrl.learner.attention import SDPA_VARLEN
 from asyncrl.learner.packing import Packed, pack, unpack
@@ -16,7 +17,9 @@ class Policy(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm  # a transformers *ForCausalLM: .model (decoder) and .lm_head
-        if lm.config._attn_implementation == "sdpa":  # the same sdpa, plus packed rows' spans
+        # the same sdpa, plus packed rows' spans (also for a model an hf engine switched to
+        # its decode-step sdpa: asyncrl.warmstart evaluates the model it trains)
+        if lm.config._attn_implementation in ("sdpa", DECODE_ATTENTION):
             lm.set_attn_implementation(SDPA_VARLEN)
 
     def forward(

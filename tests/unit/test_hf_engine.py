@@ -178,31 +178,65 @@ def test_load_weights_rejects_unknown_names(model_dir, tok):
     assert engine.version == 2
 
 
+def dense_attention(query, key, value, mask, scaling):
+    """The reference, float64: each query head against its key-value head (h // group)."""
+    group = query.shape[1] // key.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (key, value))
+    scores = query.double() @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # (B, q, H, dv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_is_sdpa(masked):
-    """The engine's decode-step attention equals transformers' sdpa (float64), grouped
-    query heads and left-padding masks included; longer queries (a prefill) are sdpa's."""
+def test_decode_attention_matches_dense_attention(masked, dtype):
+    """The engine's attention (its decode-step path at one query, sdpa's for a prefill)
+    against dense attention: grouped query heads, left-padding masks, a value head of
+    another size; bf16 within bf16 rounding (its softmax runs in float32)."""
+    from types import SimpleNamespace
+
+    from asyncrl.generator.hf import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    B, H, Hkv, L, d, dv = 5, 6, 2, 9, 8, 4
+    key = torch.randn(B, Hkv, L, d, generator=g, dtype=torch.float64).to(dtype)
+    value = torch.randn(B, Hkv, L, dv, generator=g, dtype=torch.float64).to(dtype)
+    for q_len in (1, 4):
+        query = torch.randn(B, H, q_len, d, generator=g, dtype=torch.float64).to(dtype)
+        mask = None
+        if masked:  # row b skips its first b positions (left padding), causal over the rest
+            mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)
+            for b in range(B):
+                mask[b, :, :, :b] = False
+        elif q_len > 1:
+            mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)  # causal
+        got, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+        assert got.shape == (B, q_len, H, dv) and got.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(got.double(), dense_attention(query, key, value, mask, 0.3), rtol=0, atol=tol)
+
+
+def test_decode_attention_leaves_what_it_does_not_cover_to_sdpa():
+    """Additive masks and position biases (one query each) go to sdpa, which applies them."""
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from asyncrl.generator.hf import decode_attention
 
-    g = torch.Generator().manual_seed(0)
-    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
-    B, H, Hkv, L, d = 5, 6, 2, 9, 8
-    key, value = (torch.randn(B, Hkv, L, d, generator=g, dtype=torch.float64) for _ in range(2))
-    for q_len in (1, 4):
-        query = torch.randn(B, H, q_len, d, generator=g, dtype=torch.float64)
-        mask = None
-        if masked:  # row b skips its first b positions (left padding), causal over the rest
-            mask = torch.ones(B, 1, q_len, L, dtype=torch.bool).tril(L - q_len)
-            for b in range(B):
-                mask[b, :, :, :b] = False
-        want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-        got, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
-        assert got.shape == want.shape == (B, q_len, H, d)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    query, key, value = (torch.randn(3, 2, n, 8, generator=g, dtype=torch.float64) for n in (1, 7, 7))
+    additive = torch.randn(3, 1, 1, 7, generator=g, dtype=torch.float64)
+    got, _ = decode_attention(module, query, key, value, additive, scaling=0.5)
+    torch.testing.assert_close(got, dense_attention(query, key, value, additive, 0.5), rtol=0, atol=1e-12)
+    bias = torch.randn(3, 2, 1, 7, generator=g, dtype=torch.float64)
+    got, _ = decode_attention(module, query, key, value, None, scaling=0.5, position_bias=bias)
+    want, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.5, position_bias=bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got - dense_attention(query, key, value, None, 0.5)).abs().max() > 1e-2  # the bias mattered
 
 
 def test_engine_uses_the_decode_attention(model_dir, tok):
