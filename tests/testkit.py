@@ -173,3 +173,82 @@ def warmstart_twice(out: Path, task: str, eval_size: int) -> tuple[bytes, bytes]
     finally:
         torch.set_num_threads(threads)
     return tuple((out / n / "model.safetensors").read_bytes() for n in ("a", "b"))
+
+
+# every algorithm, with settings under which each one's selections and weights act on
+# a tiny random batch (the packed-vs-padded and shared-prompt equivalence tests)
+LAYOUT_ALGOS = {
+    "grpo": {"type": "grpo"},
+    "dr_grpo": {"type": "dr_grpo"},
+    "gspo": {"type": "gspo"},
+    "clip_higher": {"type": "clip_higher"},
+    "entropy_bonus": {"type": "entropy_bonus", "coef": 0.1},
+    "eighty_twenty": {"type": "eighty_twenty"},
+    "kl_cov": {"type": "kl_cov", "ratio": 0.1},
+    "clip_cov": {"type": "clip_cov", "ratio": 0.1, "cov_lb": 0.0, "cov_ub": 5.0},
+    "lpreg": {"type": "lpreg", "rho": 0.3, "kappa": 0.2},
+}
+
+
+def dense_logprobs(hidden, weight, targets, *, temperature=1.0, with_entropy=False):
+    """The policy's token_logprobs as dense log-softmax in the inputs' dtype (float64
+    in the layout tests: the chunked kernels compute in float32 by design)."""
+    import torch
+
+    logp = torch.log_softmax(hidden @ weight.T / temperature, -1)
+    lp = logp.gather(-1, targets[:, None])[:, 0]
+    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+
+
+def dense_proxy(hidden, weight, targets, *, kappa, temperature=1.0):
+    """The policy's token_proxy_logprobs, dense, in the inputs' dtype."""
+    from asyncrl.algos.lpreg import minp_proxy_logprobs
+
+    return minp_proxy_logprobs(hidden @ weight.T, targets, kappa, temperature)
+
+
+def assert_layouts_equal_padded(policy, ids, tgt, rewards, algo_name, layouts, *, micro_batch_size=3, rtol=0.0,
+                                atol=1e-10, temperature=0.8):
+    """One mini-batch of ``ids``/``tgt`` through ``run_minibatch`` with the decoder's
+    input padded, then in each of ``layouts`` (keyword arguments of the policy's
+    forward, e.g. ``{"pack_capacity": 0}``): the same loss, gradient and token
+    selections. pi_old is perturbed so that ratios, clips and selections act."""
+    import msgspec
+    import torch
+
+    from asyncrl.algos import build_algorithm
+    from asyncrl.algos.config import AlgoConfig
+    from asyncrl.algos.minibatch import MiniBatch, run_minibatch
+    from asyncrl.algos.selection import local_all_gather
+    from asyncrl.kernels import IGNORE_INDEX
+
+    mask = tgt != IGNORE_INDEX
+    algo = build_algorithm(msgspec.convert(LAYOUT_ALGOS[algo_name], AlgoConfig))
+    kappa = 0.2 if algo.needs_proxy else None
+    with torch.no_grad():
+        old, _, proxy = policy(ids, tgt, temperature=temperature, kappa=kappa)
+        old = old - 0.05 * torch.linspace(-1, 1, old.numel(), dtype=old.dtype).reshape(old.shape) * mask
+    adv = ((rewards - 0.5) * 2)[:, None].expand(mask.shape) * mask
+    batch = MiniBatch(old, adv, mask, proxy_logprobs=proxy, seed=3)
+
+    def run(layout):
+        policy.zero_grad(set_to_none=True)
+
+        def forward(rows):
+            lp, ent, _ = policy(ids[rows], tgt[rows], temperature=temperature, with_entropy=algo.needs_entropy,
+                                **layout)
+            return lp, ent
+
+        metrics, codes = run_minibatch(algo, batch, forward, micro_batch_size=micro_batch_size,
+                                       all_gather=local_all_gather, rank=0, max_len=float(ids.shape[1]))
+        return metrics["loss/total"], [p.grad.clone() for p in policy.parameters()], codes
+
+    loss0, grads0, codes0 = run({})
+    assert sum(float(g.abs().sum()) for g in grads0) > 0
+    for layout in layouts:
+        loss, grads, codes = run(layout)
+        torch.testing.assert_close(loss, loss0, rtol=rtol, atol=atol, msg=lambda m: f"{layout}: {m}")
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=rtol, atol=atol, msg=lambda m: f"{layout}: {m}")
+        if codes0 is not None:
+            assert torch.equal(codes, codes0) and (codes0 != 0).any()

@@ -12,43 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import msgspec
 import pytest
 import torch
 
-from asyncrl.algos import build_algorithm
-from asyncrl.algos.config import AlgoConfig
-from asyncrl.algos.minibatch import MiniBatch, run_minibatch
-from asyncrl.algos.selection import local_all_gather
 from asyncrl.kernels import IGNORE_INDEX
 from asyncrl.learner.packing import (first_fit_decreasing, input_positions, pack, pack_rows, row_lengths,
                                      split_to_count, token_budget_slices, unpack)
-from testkit import make_tiny_model
+from testkit import LAYOUT_ALGOS, assert_layouts_equal_padded, dense_logprobs, dense_proxy, make_tiny_model
 
 TEMPERATURE = 0.8
-ALGOS = {
-    "grpo": {"type": "grpo"},
-    "dr_grpo": {"type": "dr_grpo"},
-    "gspo": {"type": "gspo"},
-    "clip_higher": {"type": "clip_higher"},
-    "entropy_bonus": {"type": "entropy_bonus", "coef": 0.1},
-    "eighty_twenty": {"type": "eighty_twenty"},
-    "kl_cov": {"type": "kl_cov", "ratio": 0.1},
-    "clip_cov": {"type": "clip_cov", "ratio": 0.1, "cov_lb": 0.0, "cov_ub": 5.0},
-    "lpreg": {"type": "lpreg", "rho": 0.3, "kappa": 0.2},
-}
-
-
-def dense_logprobs(hidden, weight, targets, *, temperature=1.0, with_entropy=False):
-    logp = torch.log_softmax(hidden @ weight.T / temperature, -1)  # (N, V) float64
-    lp = logp.gather(-1, targets[:, None])[:, 0]
-    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
-
-
-def dense_proxy(hidden, weight, targets, *, kappa, temperature=1.0):
-    from asyncrl.algos.lpreg import minp_proxy_logprobs
-
-    return minp_proxy_logprobs(hidden @ weight.T, targets, kappa, temperature)
+ALGOS = LAYOUT_ALGOS
 
 
 @pytest.fixture
@@ -162,38 +135,10 @@ def test_varlen_attention_is_per_sample(policy):
 
 
 def packed_vs_padded(policy, name, tol, capacities=(0, 40, 64)):
+    """One row per micro-batch; rows of the longest sample; wider rows."""
     ids, tgt = rollout(1)
-    mask = tgt != IGNORE_INDEX
-    algo = build_algorithm(msgspec.convert(ALGOS[name], AlgoConfig))
-    kappa = 0.2 if algo.needs_proxy else None
-    with torch.no_grad():
-        old, _, proxy = policy(ids, tgt, temperature=TEMPERATURE, kappa=kappa)
-        old = old - 0.05 * torch.linspace(-1, 1, old.numel(), dtype=old.dtype).reshape(old.shape) * mask
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    adv = ((rewards - 0.5) * 2)[:, None].expand(mask.shape) * mask
-    batch = MiniBatch(old, adv, mask, proxy_logprobs=proxy, seed=3)
-
-    def run(capacity):
-        policy.zero_grad(set_to_none=True)
-
-        def forward(rows):
-            lp, ent, _ = policy(ids[rows], tgt[rows], temperature=TEMPERATURE, with_entropy=algo.needs_entropy,
-                                pack_capacity=capacity)
-            return lp, ent
-
-        metrics, codes = run_minibatch(algo, batch, forward, micro_batch_size=3, all_gather=local_all_gather,
-                                       rank=0, max_len=40.0)
-        return metrics["loss/total"], [p.grad.clone() for p in policy.parameters()], codes
-
-    loss0, grads0, codes0 = run(None)
-    assert sum(float(g.abs().sum()) for g in grads0) > 0
-    for capacity in capacities:  # one row per micro-batch; rows of the longest sample; wider rows
-        loss, grads, codes = run(capacity)
-        torch.testing.assert_close(loss, loss0, rtol=0, atol=tol)
-        for g, g0 in zip(grads, grads0):
-            torch.testing.assert_close(g, g0, rtol=0, atol=tol)
-        if codes0 is not None:
-            assert torch.equal(codes, codes0) and (codes0 != 0).any()
+    assert_layouts_equal_padded(policy, ids, tgt, rewards, name, [{"pack_capacity": c} for c in capacities], atol=tol)
 
 
 @pytest.mark.parametrize("name", list(ALGOS))

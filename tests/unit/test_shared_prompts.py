@@ -14,32 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import msgspec
 import pytest
 import torch
 
-from asyncrl.algos import build_algorithm
-from asyncrl.algos.config import AlgoConfig
-from asyncrl.algos.minibatch import MiniBatch, run_minibatch
-from asyncrl.algos.selection import local_all_gather
 from asyncrl.kernels import IGNORE_INDEX
 from asyncrl.learner.attention import plan_span_attention, span_batch_attention
 from asyncrl.learner.packing import row_lengths
 from asyncrl.learner.shared_prompts import Unit, pack_shared, plan_units, prefix_lengths, shared_positions
-from testkit import make_tiny_model
+from testkit import LAYOUT_ALGOS, assert_layouts_equal_padded, dense_logprobs, dense_proxy, make_tiny_model
 
 TEMPERATURE = 0.8
-ALGOS = {
-    "grpo": {"type": "grpo"},
-    "dr_grpo": {"type": "dr_grpo"},
-    "gspo": {"type": "gspo"},
-    "clip_higher": {"type": "clip_higher"},
-    "entropy_bonus": {"type": "entropy_bonus", "coef": 0.1},
-    "eighty_twenty": {"type": "eighty_twenty"},
-    "kl_cov": {"type": "kl_cov", "ratio": 0.1},
-    "clip_cov": {"type": "clip_cov", "ratio": 0.1, "cov_lb": 0.0, "cov_ub": 5.0},
-    "lpreg": {"type": "lpreg", "rho": 0.3, "kappa": 0.2},
-}
+ALGOS = LAYOUT_ALGOS
 
 
 def grouped_rollout(seed=0, L=30, vocab=21):
@@ -62,18 +47,6 @@ def grouped_rollout(seed=0, L=30, vocab=21):
     tgt[2, 12:16] = IGNORE_INDEX  # environment tokens: context, not scored
     ids[7, :4] = a[:4]  # an unscored row (its prefix would match A's): left out
     return ids, tgt
-
-
-def dense_logprobs(hidden, weight, targets, *, temperature=1.0, with_entropy=False):
-    logp = torch.log_softmax(hidden @ weight.T / temperature, -1)
-    lp = logp.gather(-1, targets[:, None])[:, 0]
-    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
-
-
-def dense_proxy(hidden, weight, targets, *, kappa, temperature=1.0):
-    from asyncrl.algos.lpreg import minp_proxy_logprobs
-
-    return minp_proxy_logprobs(hidden @ weight.T, targets, kappa, temperature)
 
 
 @pytest.fixture
@@ -206,37 +179,10 @@ def test_hidden_states_equal_padded(policy, float64_everywhere):
 
 def shared_vs_padded(policy, name, rtol, atol, micro_batch_size=3, capacities=(0, 40)):
     ids, tgt = grouped_rollout(2)
-    mask = tgt != IGNORE_INDEX
-    algo = build_algorithm(msgspec.convert(ALGOS[name], AlgoConfig))
-    kappa = 0.2 if algo.needs_proxy else None
-    with torch.no_grad():
-        old, _, proxy = policy(ids, tgt, temperature=TEMPERATURE, kappa=kappa)
-        old = old - 0.05 * torch.linspace(-1, 1, old.numel(), dtype=old.dtype).reshape(old.shape) * mask
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    adv = ((rewards - 0.5) * 2)[:, None].expand(mask.shape) * mask
-    batch = MiniBatch(old, adv, mask, proxy_logprobs=proxy, seed=3)
-
-    def run(capacity, share):
-        policy.zero_grad(set_to_none=True)
-
-        def forward(rows):
-            lp, ent, _ = policy(ids[rows], tgt[rows], temperature=TEMPERATURE, with_entropy=algo.needs_entropy,
-                                pack_capacity=capacity, share_prompts=share)
-            return lp, ent
-
-        metrics, codes = run_minibatch(algo, batch, forward, micro_batch_size=micro_batch_size,
-                                       all_gather=local_all_gather, rank=0, max_len=30.0)
-        return metrics["loss/total"], [p.grad.clone() for p in policy.parameters()], codes
-
-    loss0, grads0, codes0 = run(None, False)
-    assert sum(float(g.abs().sum()) for g in grads0) > 0
-    for capacity in capacities:
-        loss, grads, codes = run(capacity, True)
-        torch.testing.assert_close(loss, loss0, rtol=rtol, atol=atol)
-        for g, g0 in zip(grads, grads0):
-            torch.testing.assert_close(g, g0, rtol=rtol, atol=atol)
-        if codes0 is not None:
-            assert torch.equal(codes, codes0) and (codes0 != 0).any()
+    layouts = [{"pack_capacity": c, "share_prompts": True} for c in capacities]
+    assert_layouts_equal_padded(policy, ids, tgt, rewards, name, layouts, micro_batch_size=micro_batch_size,
+                                rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", list(ALGOS))
