@@ -46,12 +46,19 @@ def setups(ks: list[int], cores: int, split_baseline: bool) -> list[tuple[str, i
     return out
 
 
+def overrides(k: int, seed: int, steps: int, threads: int, borrow: int, extra: list[str]) -> list[str]:
+    """The quickstart's overrides for one run: one generator of ``threads`` threads (the
+    quickstart itself runs two) against a learner of ``threads`` plus ``borrow``."""
+    return [f"learner.steps={steps}", f"learner.max_staleness={k}", f"run.seed={seed}", f"learner.threads={threads}",
+            f"learner.borrow_threads={borrow}", "generator.num_workers=1", f"generator.threads={threads}",
+            "run.console=false", "learner.micro_batch_size=32",  # 8 micro-batches a step: the granularity of lending
+            *extra]
+
+
 def run(k: int, seed: int, steps: int, threads: int, borrow: int, extra: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"asyncrl-k{k}-s{seed}-"))
-    cmd = [sys.executable, "-m", "asyncrl.launch", "quickstart", f"run.dir={run_dir}", f"learner.steps={steps}",
-           f"learner.max_staleness={k}", f"run.seed={seed}", f"learner.threads={threads}",
-           f"learner.borrow_threads={borrow}", f"generator.threads={threads}", "run.console=false",
-           "learner.micro_batch_size=32", *extra]  # 8 micro-batches a step: the granularity of core lending
+    cmd = [sys.executable, "-m", "asyncrl.launch", "quickstart", f"run.dir={run_dir}",
+           *overrides(k, seed, steps, threads, borrow, extra)]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward_mean" in r]
