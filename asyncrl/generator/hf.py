@@ -180,17 +180,15 @@ class HFEngine:
                 cache, cache_version = BufferCache(self.num_layers, P + T), self.version
                 step_ids = torch.cat([prompt, tokens[:, :t]], dim=-1)[live]
                 step_pos = (attn[live, : P + t].cumsum(-1) - 1).clamp(min=0)
-            if t == 0 and params.n > 1:  # each prompt once; its n rows copy its cache and logits
-                logits = self.model(
-                    input_ids=step_ids[:: params.n], attention_mask=attn[:: params.n, :P] if padded else None,
-                    position_ids=step_pos[:: params.n], use_cache=True, **self.keep_last, **{self.cache_kw: cache},
-                ).logits[:, -1].repeat_interleave(params.n, 0)
+            once = t == 0 and params.n > 1  # the prefill: each prompt once, its n rows copy cache and logits
+            pick = slice(None, None, params.n) if once else slice(None)
+            logits = self.model(
+                input_ids=step_ids[pick], attention_mask=attn[live, : P + t][pick] if padded else None,
+                position_ids=step_pos[pick], use_cache=True, **self.keep_last, **{self.cache_kw: cache},
+            ).logits[:, -1]
+            if once:
+                logits = logits.repeat_interleave(params.n, 0)
                 cache.batch_select_indices(torch.arange(B // params.n, device=self.device).repeat_interleave(params.n))
-            else:
-                logits = self.model(
-                    input_ids=step_ids, attention_mask=attn[live, : P + t] if padded else None,
-                    position_ids=step_pos, use_cache=True, **self.keep_last, **{self.cache_kw: cache},
-                ).logits[:, -1]
             if len(live) < B:  # rows that left draw too (from any distribution): the stream stays aligned
                 logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, live, logits)
             tok, logp = self._pick(logits, params)

@@ -37,29 +37,28 @@ class Policy(nn.Module):
         :attr:`shares_prompts`): a group's samples share one copy of their prompt in
         the packed rows (``asyncrl.learner.shared_prompts``).
         """
-        shape = targets.shape
-        if pack_capacity is not None and share_prompts and self.shares_prompts:
+        shape, mask = targets.shape, targets != IGNORE_INDEX
+
+        def scatter(v: Tensor, fill: float) -> Tensor:  # values of the scored positions -> (B, L)
+            return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+
+        if pack_capacity is None:
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
+            h, y, place = hidden[mask], targets[mask], scatter  # (N, D), (N,)
+        elif share_prompts and self.shares_prompts:
             packed = pack_shared(input_ids, targets, pad_id=0, capacity=pack_capacity)
             hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                                    attention_mask={"full_attention": None},
                                    prompt_spans=packed.attention).last_hidden_state  # (R, C, D)
-            mask = targets != IGNORE_INDEX
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.slots[mask])  # shared slots repeat
-            y = targets[mask]
-            def place(v: Tensor, fill: float) -> Tensor:
-                return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
-        elif pack_capacity is None:
-            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
-            mask = targets != IGNORE_INDEX
-            h, y = hidden[mask], targets[mask]  # (N, D), (N,)
-            def place(v: Tensor, fill: float) -> Tensor:
-                return torch.full(shape, fill, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+            y, place = targets[mask], scatter
         else:
             packed = pack(input_ids, targets, pad_id=0, capacity=pack_capacity)
             hidden = self.lm.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                                    **self._packed_attention(packed)).last_hidden_state  # (R, C, D)
-            mask = packed.targets != IGNORE_INDEX
-            h, y = hidden[mask], packed.targets[mask]
+            packed_mask = packed.targets != IGNORE_INDEX
+            h, y = hidden[packed_mask], packed.targets[packed_mask]
+
             def place(v: Tensor, fill: float) -> Tensor:
                 return unpack(v, packed, shape, fill)
         weight = self.lm.lm_head.weight  # unsharded here: we run inside the FSDP root's forward
@@ -86,8 +85,6 @@ class Policy(nn.Module):
         no mask to build (a dict of prepared masks skips that). Other implementations,
         and sliding-window layers (a span is not a window), get transformers' block-
         diagonal masks, derived from the restarting position ids."""
-        config = self.lm.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if config._attn_implementation != SDPA_VARLEN or layer_types != {"full_attention"}:
+        if not self.shares_prompts:  # the same condition: SDPA_VARLEN on full-attention layers
             return {}
         return {"attention_mask": {"full_attention": None}, "cu_seq_lens_q": packed.cu_seq_lens}

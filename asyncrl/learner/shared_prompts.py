@@ -86,10 +86,6 @@ class SharedPacked:
     attention: SpanAttention  # the spans' attention plan (the decoder's ``prompt_spans``)
     padding: int  # packed positions that are a row's padding tail
 
-    @property
-    def padding_frac(self) -> float:
-        return self.padding / self.input_ids.numel() if self.input_ids.numel() else 0.0
-
 
 def layout_rows(units: list[Unit], lengths: list[int], capacity: int) -> tuple[list[list[int]], int]:
     """(rows of unit indices, row width), as ``asyncrl.learner.packing.pack_rows`` lays

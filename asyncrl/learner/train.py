@@ -52,7 +52,8 @@ def old_policy_pass(policy: Policy, batch: Batch, micro: list[list[slice]], cfg:
         for mb in slices:
             before_micro()
             lp, e, px = policy(batch.input_ids[mb], batch.targets[mb], temperature=cfg.generator.temperature,
-                               with_entropy=True, kappa=kappa, pack_capacity=pack_capacity(cfg), share_prompts=cfg.learner.share_prompts)
+                               with_entropy=True, kappa=kappa, pack_capacity=pack_capacity(cfg),
+                               share_prompts=cfg.learner.share_prompts)
             old[mb], ent[mb] = lp, e
             if proxy is not None:
                 proxy[mb] = px
