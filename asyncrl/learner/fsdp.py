@@ -66,11 +66,18 @@ def apply_fsdp(policy: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype 
     return policy
 
 
-def parallelize(policy: nn.Module, cfg, device_type: str, world_size: int) -> FSDPModule:
+def parallelize(policy: nn.Module, cfg, device_type: str, world_size: int) -> nn.Module:
     """The learner's parallelism as the config says (``learner.mesh``,
-    ``learner.activation_checkpointing``, ``model.dtype``)."""
+    ``learner.activation_checkpointing``, ``model.dtype``).
+
+    One rank in float32 has nothing to shard, cast or reduce, so the model stays a plain
+    module: FSDP2 would still copy every layer's parameters in and out and its
+    gradients once per micro-batch, 10% of a quickstart training step on CPU
+    (``benchmarks/step_profile.py``), for the same update."""
+    param_dtype = getattr(torch, cfg.model.dtype)
+    if world_size == 1 and param_dtype == torch.float32:
+        return apply_activation_checkpointing(policy) if cfg.learner.activation_checkpointing else policy
     cl = cfg.cluster
     per_node = cl.gpus_per_node // cl.learner_gpus if cl.learner_gpus else world_size
     mesh = build_mesh(device_type, world_size, mesh=cfg.learner.mesh, ranks_per_node=per_node)
-    return apply_fsdp(policy, mesh, param_dtype=getattr(torch, cfg.model.dtype),
-                      activation_checkpointing=cfg.learner.activation_checkpointing)
+    return apply_fsdp(policy, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.learner.activation_checkpointing)

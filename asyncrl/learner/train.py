@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from asyncrl.algos.base import Algorithm
 from asyncrl.algos.minibatch import MiniBatch, run_minibatch
@@ -101,7 +102,8 @@ def train_on_batch(
     ratio_base = batch.behaviour_logprobs if lc.off_policy == "none" else old
 
     def backward(loss: Tensor, last: bool) -> None:
-        policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
+        if isinstance(policy, FSDPModule):  # one float32 rank trains a plain module (learner.fsdp.parallelize)
+            policy.set_requires_gradient_sync(last)  # reduce-scatter once per optimiser step
         (loss * float("nan") if poison else loss).backward()
 
     totals: dict[str, Tensor] = {}

@@ -70,15 +70,18 @@ def make_batch(pad_id: int, eos_id: int, vocab: int, scale_advantages: bool):
     return build_batch(groups, pad_id, scale_advantages)
 
 
-def run_case(model_dir: str, name: str, world: int):
-    """(full state dict after one train_on_batch, metrics) on this rank."""
+def run_case(model_dir: str, name: str, world: int, fsdp: bool = True):
+    """(full state dict after one train_on_batch, metrics) on this rank; ``fsdp=False``:
+    the plain module the learner trains on one float32 rank (``parallelize``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from asyncrl.algos import build_algorithm
     from asyncrl.algos.collective import dist_all_gather
     from asyncrl.config import Config
     from asyncrl.learner.checkpoint import full_state_dict
-    from asyncrl.learner.fsdp import apply_fsdp
+    from torch.distributed.fsdp import FSDPModule
+
+    from asyncrl.learner.fsdp import apply_fsdp, parallelize
     from asyncrl.learner.policy import Policy
     from asyncrl.learner.train import train_on_batch
     from asyncrl.models import load_model, load_tokenizer
@@ -96,7 +99,10 @@ def run_case(model_dir: str, name: str, world: int):
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
     policy = Policy(load_model(model_dir, "float32"))
-    apply_fsdp(policy, init_device_mesh("cpu", (world,)))
+    if fsdp:
+        apply_fsdp(policy, init_device_mesh("cpu", (world,)))
+    else:
+        assert not isinstance(parallelize(policy, cfg, "cpu", world), FSDPModule)
     if name.endswith("_sgd"):
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     else:  # what the learner uses (asyncrl.learner.main.build_policy)
@@ -115,6 +121,8 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
                             timeout=timedelta(seconds=120))
     try:
         results = {name: run_case(model_dir, name, world) for name in CASES}
+        if world == 1:
+            results |= {("plain", name): run_case(model_dir, name, world, fsdp=False) for name in CASES}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -164,6 +172,17 @@ def test_two_ranks_match_one_rank(results, initial, name):
     for k in metrics1:
         if k not in ("perf/padding_frac", "perf/shared_frac"):  # the decoder's layout depends on the split
             assert metrics2[k] == pytest.approx(metrics1[k], abs=ATOL, rel=ATOL), k
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_rank_without_fsdp_matches_fsdp(results, name):
+    """One float32 rank trains the plain module: the same update as under FSDP2."""
+    state, metrics = results[1][name]
+    plain_state, plain_metrics = results[1][("plain", name)]
+    assert_same_weights(state, plain_state, f"{name}: FSDP2 vs plain on 1 rank")
+    assert metrics.keys() == plain_metrics.keys()
+    for k in metrics:
+        assert plain_metrics[k] == pytest.approx(metrics[k], abs=ATOL, rel=ATOL), k
 
 
 def test_packing_removes_the_padding(results):
