@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen3Config
 
+from asyncrl.kernels.rms_norm import fuse_rms_norms
+
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(path), dtype=getattr(torch, dtype), attn_implementation="sdpa"
     )
+    fuse_rms_norms(model)  # the same norm in one autograd function (float32/float64 only)
     return model
 
 
