@@ -133,7 +133,7 @@ class HFEngine:
         """Restart the sampling stream (the worker seeds each batch; see ``batch_seed``)."""
         self.generator.manual_seed(seed)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not no_grad: no version counters or view tracking either, 7% of a quickstart batch
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, between_steps: Callable[[], None] | None = None
     ) -> list[list[Completion]]:
