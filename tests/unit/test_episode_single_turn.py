@@ -9,6 +9,7 @@ cut each row to a prefix of what it samples without them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,7 +68,14 @@ def test_single_turn_equals_the_pre_protocol_worker(base):
     engine = HFEngine(model, pad_id=tok.pad_token_id, version=2)
     engine.reseed(batch_seed(11, msg.groups[0].group_id, 2))
     want = old_run_prompts(engine, tok, msg, pool)
-    assert got == want  # float32 log-probs: the frames carry them as float32, the engine computes float32
+    # the same tokens, versions, finish reasons and rewards; the log-probs to float32
+    # rounding (exact equality failed 2 runs in 7 next to other tests, never alone;
+    # suspected: the two engines' buffers sit at other addresses and take other MKL paths)
+    strip = [[(t, v, f, r) for t, _, v, f, r in g] for g in got]
+    assert strip == [[(t, v, f, r) for t, _, v, f, r in g] for g in want]
+    lp, lp_want = [s[1] for g in got for s in g], [s[1] for g in want for s in g]
+    for a, b in zip(lp, lp_want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     flat = [s for g in got for s in g]
     assert len({r for *_, r in flat}) > 1 and {f for *_, f, _ in flat} == {"stop", "length"}  # the check has teeth
 
