@@ -54,14 +54,14 @@ def plan_units(input_ids: Tensor, targets: Tensor, capacity: int = 0) -> list[Un
     starts a new one with its own copy of the prefix). Rows with nothing to score are
     left out; a unit of one sample shares nothing."""
     lengths, prefixes = row_lengths(targets).tolist(), prefix_lengths(targets)
+    kept = [i for i, n in enumerate(lengths) if n]
+    same = _same_prefix_as_previous(input_ids, kept, prefixes)
     units: list[list[int]] = []
     unit_prefix: list[int] = []
     size = 0
-    for i, (n, p) in enumerate(zip(lengths, prefixes)):
-        if n == 0:
-            continue
-        if units and p == unit_prefix[-1] and (capacity == 0 or size + n - p <= capacity) \
-                and torch.equal(input_ids[i, :p], input_ids[units[-1][0], :p]):
+    for j, i in enumerate(kept):
+        n, p = lengths[i], prefixes[i]
+        if units and same[j] and (capacity == 0 or size + n - p <= capacity):
             units[-1].append(i)
             size += n - p
             continue
@@ -69,6 +69,21 @@ def plan_units(input_ids: Tensor, targets: Tensor, capacity: int = 0) -> list[Un
         unit_prefix.append(p)
         size = n
     return [Unit(tuple(s), p if len(s) > 1 else 0) for s, p in zip(units, unit_prefix)]
+
+
+def _same_prefix_as_previous(input_ids: Tensor, rows: list[int], prefixes: list[int]) -> list[bool]:
+    """For each of ``rows``, whether its prefix has the length and tokens of the previous
+    one's (the first: False). One comparison for all rows, so one device sync; equality
+    is transitive, so a run of True rows shares the first one's prefix."""
+    if len(rows) < 2:
+        return [False] * len(rows)
+    dev = input_ids.device
+    idx = torch.tensor(rows, device=dev)
+    p = torch.tensor([prefixes[i] for i in rows], device=dev)
+    ids = input_ids.index_select(0, idx)
+    beyond = torch.arange(ids.shape[1], device=dev) >= p[1:, None]  # positions past the prefix do not count
+    same = ((ids[1:] == ids[:-1]) | beyond).all(-1) & (p[1:] == p[:-1])
+    return [False, *same.tolist()]
 
 
 @dataclass(frozen=True)
@@ -99,36 +114,45 @@ def layout_rows(units: list[Unit], lengths: list[int], capacity: int) -> tuple[l
 
 
 def pack_shared(input_ids: Tensor, targets: Tensor, pad_id: int, capacity: int = 0) -> SharedPacked:
-    """Right-padded rows (B, L) -> rows of units (:func:`plan_units`, :func:`layout_rows`)."""
+    """Right-padded rows (B, L) -> rows of units (:func:`plan_units`, :func:`layout_rows`).
+
+    The layout is planned as index lists, then written with one gather or scatter per
+    tensor (a copy per span cost 2 ms a quickstart micro-batch)."""
     B, L = input_ids.shape
     lengths = row_lengths(targets).tolist()
     units = plan_units(input_ids, targets, capacity)
     rows, width = layout_rows(units, lengths, capacity)
     R, dev = max(len(rows), 1), input_ids.device
-    ids = torch.full((R, width), pad_id, dtype=torch.long, device=dev)
-    pos = torch.zeros((R, width), dtype=torch.long, device=dev)
-    slots = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    src: list[int] = []  # per packed position written: its flat (B, L) source position
+    dst: list[int] = []  # ... its flat packed position
+    positions: list[int] = []  # ... its position id
+    shared_src: list[int] = []  # the other samples' prefix positions ...
+    shared_dst: list[int] = []  # ... and the packed position that computes them
     spans: list[tuple[int, int, int, int]] = []
     padding = 0
+
+    def place(row: int, start: int, stop: int, at: int) -> None:
+        src.extend(range(row * L + start, row * L + stop))
+        dst.extend(range(at, at + stop - start))
+        positions.extend(range(start, stop))
+
     for r, members in enumerate(rows):
         at = r * width  # flat position
         for unit in (units[u] for u in members):
             p = unit.prefix
             ctx = (at, p) if p else (0, 0)
             if p:
-                first = unit.samples[0]
-                ids.view(-1)[at:at + p] = input_ids[first, :p]
-                pos.view(-1)[at:at + p] = torch.arange(p, device=dev)
-                slots[list(unit.samples), :p] = torch.arange(at, at + p, device=dev)
+                place(unit.samples[0], 0, p, at)
+                for i in unit.samples[1:]:
+                    shared_src.extend(range(i * L, i * L + p))
+                    shared_dst.extend(range(at, at + p))
                 spans.append((at, p, 0, 0))
                 at += p
             for i in unit.samples:
                 n = lengths[i] - p
                 if n == 0:  # an answer of one token: its only scored position is the prefix's last
                     continue
-                ids.view(-1)[at:at + n] = input_ids[i, p:lengths[i]]
-                pos.view(-1)[at:at + n] = torch.arange(p, lengths[i], device=dev)
-                slots[i, p:lengths[i]] = torch.arange(at, at + n, device=dev)
+                place(i, p, lengths[i], at)
                 spans.append((at, n, *ctx))
                 at += n
         if at < (r + 1) * width:  # the padding tail: a span of its own, computed, never read
@@ -137,7 +161,18 @@ def pack_shared(input_ids: Tensor, targets: Tensor, pad_id: int, capacity: int =
     for r in range(len(rows), R):  # nothing to score: one all-padding row
         spans.append((r * width, width, 0, 0))
         padding += width
-    return SharedPacked(ids, pos, slots, spans, plan_span_attention(spans, dev), padding)
+    src_t, dst_t = torch.tensor(src, dtype=torch.long, device=dev), torch.tensor(dst, dtype=torch.long, device=dev)
+    ids = torch.full((R * width,), pad_id, dtype=torch.long, device=dev)
+    ids[dst_t] = input_ids.reshape(-1)[src_t]
+    pos = torch.zeros((R * width,), dtype=torch.long, device=dev)
+    pos[dst_t] = torch.tensor(positions, dtype=torch.long, device=dev)
+    slots = torch.full((B * L,), -1, dtype=torch.long, device=dev)
+    slots[src_t] = dst_t
+    if shared_src:
+        slots[torch.tensor(shared_src, dtype=torch.long, device=dev)] = torch.tensor(shared_dst, dtype=torch.long,
+                                                                                      device=dev)
+    return SharedPacked(ids.view(R, width), pos.view(R, width), slots.view(B, L), spans,
+                        plan_span_attention(spans, dev), padding)
 
 
 def shared_positions(input_ids: Tensor, targets: Tensor, capacity: int) -> tuple[int, int, int]:

@@ -51,15 +51,12 @@ def grouped_rollout(seed=0, L=30, vocab=21):
 
 @pytest.fixture
 def float64_everywhere(monkeypatch):
+    """Dense float64 log-probs; the norms are float64 already (load_model's fused RMSNorm
+    computes in the input's dtype, where Hugging Face's would round to float32)."""
     import asyncrl.learner.policy as policy_module
-    from transformers.models.qwen3 import modeling_qwen3
-
-    def norm(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
     monkeypatch.setattr(policy_module, "token_logprobs", dense_logprobs)
     monkeypatch.setattr(policy_module, "token_proxy_logprobs", dense_proxy)
-    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", norm)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +76,10 @@ def test_units_are_runs_of_one_prompt():
     assert plan_units(ids, tgt, capacity=40) == [Unit((0, 1), 5), Unit((2,), 0), Unit((3, 4), 5), Unit((5, 6), 7)]
     lengths = row_lengths(tgt).tolist()
     assert Unit((0, 1, 2), 5).length(lengths) == 5 + 15 + 0 + 25
+    # the same tokens but scored from one position earlier: another prefix, so no sharing
+    tgt[1, 3] = ids[1, 4]
+    assert prefix_lengths(tgt)[:3] == [5, 4, 5]
+    assert plan_units(ids, tgt)[:3] == [Unit((0,), 0), Unit((1,), 0), Unit((2,), 0)]
 
 
 @pytest.mark.parametrize("capacity", [0, 40, 64])
