@@ -3,7 +3,7 @@
 Hugging Face's RMSNorm is five tensor ops forward, and autograd runs about a dozen
 backward; on CPU, where the quickstart's tokens are [~1200, 128] per micro-batch, that
 is memory traffic and dispatch, not arithmetic: 2.0 ms forward and backward per norm,
-against 1.2 ms here (``benchmarks/step_profile.py``; a Qwen3 layer has four norms).
+against 1.2 ms here (a Qwen3 layer has four; the training step: ``benchmarks/learner_ab.py``).
 The backward is the closed form
 
     y = w * x * r,  r = 1 / sqrt(mean(x^2) + eps),  x_hat = x * r

@@ -72,8 +72,8 @@ def parallelize(policy: nn.Module, cfg, device_type: str, world_size: int) -> nn
 
     One rank in float32 has nothing to shard, cast or reduce, so the model stays a plain
     module: FSDP2 would still copy every layer's parameters in and out and its
-    gradients once per micro-batch, 10% of a quickstart training step on CPU
-    (``benchmarks/step_profile.py``), for the same update."""
+    gradients once per micro-batch, 6-10% of a quickstart training step on CPU
+    (``benchmarks/learner_ab.py``), for the same update."""
     param_dtype = getattr(torch, cfg.model.dtype)
     if world_size == 1 and param_dtype == torch.float32:
         return apply_activation_checkpointing(policy) if cfg.learner.activation_checkpointing else policy

@@ -74,13 +74,12 @@ def run_case(model_dir: str, name: str, world: int, fsdp: bool = True):
     """(full state dict after one train_on_batch, metrics) on this rank; ``fsdp=False``:
     the plain module the learner trains on one float32 rank (``parallelize``)."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
 
     from asyncrl.algos import build_algorithm
     from asyncrl.algos.collective import dist_all_gather
     from asyncrl.config import Config
     from asyncrl.learner.checkpoint import full_state_dict
-    from torch.distributed.fsdp import FSDPModule
-
     from asyncrl.learner.fsdp import apply_fsdp, parallelize
     from asyncrl.learner.policy import Policy
     from asyncrl.learner.train import train_on_batch

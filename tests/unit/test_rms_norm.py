@@ -81,7 +81,7 @@ def test_other_dtypes_keep_hugging_faces_forward():
     assert torch.equal(fused(x), ref(x))  # bit for bit: the same code ran
 
 
-def test_load_model_fuses_every_norm_and_changes_nothing_else(tmp_path):
+def test_load_model_fuses_every_norm_and_changes_nothing_else():
     from asyncrl.models import resolve_model_path
     from transformers import AutoModelForCausalLM
 
