@@ -30,6 +30,7 @@ from pathlib import Path
 
 import msgspec
 
+from asyncrl.cluster import ray_address
 from asyncrl.config import Config, ConfigError, advisories, load_config, to_yaml
 from asyncrl.tasks.reasoning_gym import check_run
 
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for advice in advisories(cfg):
         log.warning("%s", advice)
     if cfg.cluster.backend == "ray":  # Ray actors in placement groups: asyncrl.cluster.ray_backend
+        ray_address.prepare(cfg.cluster.address)  # before Ray is imported
         from asyncrl.cluster.ray_backend import launch as ray_launch
 
         code = ray_launch(cfg, run_dir)

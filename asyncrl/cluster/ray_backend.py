@@ -40,6 +40,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from asyncrl.cluster import ray_address
 from asyncrl.cluster.placement import Placement, plan_placement
 from asyncrl.config import Config, to_yaml
 
@@ -116,6 +117,7 @@ def init_ray(cfg: Config, run_dir: Path, plan: list[Placement]) -> bool:
     """Connect to ``cluster.address`` or start a private loopback Ray; True if started here."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.cluster.address:
+        ray_address.check_not_rewritten(cfg.cluster.address)  # a loopback address: refuse rather than hang
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return False
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

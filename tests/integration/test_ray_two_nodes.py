@@ -8,7 +8,10 @@ actors on different nodes.
 
 The cluster lives in its own temp dir (RAY_TMPDIR) so it neither reads nor overwrites
 another session's /tmp/ray; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from
-replacing 127.0.0.1 with the machine's external address, so nothing leaves loopback."""
+replacing 127.0.0.1 with the machine's external address, so nothing leaves loopback.
+The launch runs without that variable, as a user's would: it must keep the loopback
+``cluster.address`` itself (``asyncrl.cluster.ray_address``; before, Ray rewrote it to
+the external address and ``ray.init`` retried forever)."""
 
 from __future__ import annotations
 
@@ -84,8 +87,10 @@ def test_learner_and_generator_on_different_nodes(two_nodes, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "launch.log"
     cmd = [sys.executable, "-m", "asyncrl.launch", "quickstart", f"model.path={WARM_BASE}", f"run.dir={run_dir}",
            "cluster.backend=ray", f"cluster.address={address}", "cluster.nodes=2", *RUN]
+    env = subprocess_env()
+    del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             code = proc.wait(300)
