@@ -267,7 +267,10 @@ class RolloutHub:
 
     def next_batch(self, version: int) -> tuple[list[Group], dict[str, float]] | None:
         """The oldest ``prompts_per_step`` groups that are fresh enough to train on at
-        ``version``; staler ones are dropped, counted and replaced. None on stop."""
+        ``version``, in group-id order; staler ones are dropped, counted and replaced.
+        None on stop. (Arrival order depends on which generator answers first; id order
+        makes an on-policy run with several generators train the same batch, in the same
+        micro-batches, every time.)"""
         k, P = self.cfg.learner.max_staleness, self.cfg.learner.prompts_per_step
         t0, dropped = time.monotonic(), 0
         batch: list[Group] = []
@@ -282,6 +285,7 @@ class RolloutHub:
                 continue
             batch.append(group)
         self.dropped_total += dropped
+        batch.sort(key=lambda g: g.msg.group_id)
         samples = sum(len(g.samples) for g in batch)
         return batch, {"async/dropped_groups": dropped, "async/dropped_total": self.dropped_total,
                        "async/learner_wait_s": time.monotonic() - t0,

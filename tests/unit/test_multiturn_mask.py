@@ -296,3 +296,19 @@ def test_checkpointed_buffer_keeps_the_mask():
     (g,) = back.buffer
     np.testing.assert_array_equal(g.samples[0].mask, multi_turn().mask)
     assert g.samples[1].mask.all() and g.oldest_version == 1 and g.env_tokens == 4
+
+
+def test_a_batch_is_in_group_id_order_whatever_the_arrival_order():
+    """Two generators answer in either order: the learner trains the same batch (the same
+    micro-batches, so the same float rounding) either way."""
+    cfg = load_config("quickstart", ["generator.samples_per_prompt=2", "learner.prompts_per_step=3",
+                                     "transport.timeout_s=5"])
+    ep = Scripted()
+    hub = RolloutHub(cfg, ep, Source(), [], tokenizer=None, vocab_size=100)
+    hub.workers, hub.version = [b"gen-0"], 5
+    hub.request(3, min_version=0)
+    fresh = [with_versions(single_turn(), 5, 5), with_versions(single_turn(), 5, 5)]
+    for group_id in (2, 0, 1):
+        ep.push(fresh, group_id)
+    batch, _ = hub.next_batch(version=5)
+    assert [g.msg.group_id for g in batch] == [0, 1, 2]
