@@ -6,7 +6,8 @@ Problems are ``data.eval_files`` (or the synthetic task's held-out set), sampled
 data_source as ``eval.*`` says (AIME / AIME25 at T=0.6), ``eval.k`` samples each, with
 the sampling parameters of the learner's in-training evaluation
 (``asyncrl.eval.sampling.plan``); ``eval.preset=lpreg_paper`` is the Lp-Reg paper's
-protocol (AIME / AMC at T=0.6, the other sources greedy, one sample each).
+protocol (AIME / AMC at T=0.6, the other sources greedy, one sample each). Samples are
+episodes of ``env`` (with tools: turns and tool outputs, the tool pool started here).
 Prints a markdown table and writes JSON (summary + per-problem records) to ``--out``
 (default ``DIR/eval.json``).
 """
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from asyncrl.data import build_eval_problems
+    from asyncrl.envs import build_env, build_tools, check_stops
     from asyncrl.eval.metrics import to_markdown
     from asyncrl.eval.sampling import run_eval
     from asyncrl.generator.hf import HFEngine
@@ -48,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(cfg.model.path)
     engine = HFEngine(load_model(cfg.model.path, cfg.model.dtype), pad_id=tok.pad_token_id, seed=cfg.run.seed)
     problems = build_eval_problems(cfg, tok)
+    check_stops(build_env(cfg), tok, "hf")  # the environment's delimiters: single tokens for the hf engine
     pooled = cfg.data.eval_files or cfg.task.name == "reasoning_gym"  # scorers that may hang run in processes
     rewards = RewardPool(cfg.data.reward_processes if pooled else 0, cfg.data.reward_timeout_s)
+    tools = build_tools(cfg)  # env.type tools: the pool that runs the episodes' tool calls
     try:
-        summary, records = run_eval(engine, tok, problems, cfg, rewards)
+        summary, records = run_eval(engine, tok, problems, cfg, rewards, tools=tools)
     finally:
         rewards.close()
+        if tools is not None:
+            tools.close()
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     out.write_text(json.dumps({"checkpoint": args.checkpoint, "summary": summary, "records": records}, indent=1))
     print(to_markdown(summary))

@@ -78,26 +78,35 @@ def prompt_ids(p: Problem, tok) -> list[int]:
     return list(p.prompt_ids) if p.prompt_ids else tok(p.prompt)["input_ids"]
 
 
-def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, batch_size: int = 64) -> tuple[dict, list]:
-    """Sample and score ``problems`` in process with ``engine`` (the Engine protocol).
+def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, batch_size: int = 64,
+             tools=None) -> tuple[dict, list]:
+    """Sample and score ``problems`` in process with ``engine`` (the Engine protocol), as
+    episodes of ``cfg.env`` (single-turn: one answer per sample; with tools, turns and tool
+    outputs interleaved, ``tools`` the pool that runs them) through the generators' own
+    episode runner and rewards, so multi-turn tasks score here as in training.
 
     Returns (summary, records): one record per problem with its source, temperature,
-    rewards and responses."""
+    rewards and responses (each episode's tokens, tool outputs included, as text)."""
+    from asyncrl.envs import build_env, episode_limits, run_episodes
     from asyncrl.generator.engine import SamplingParams
+    from asyncrl.generator.worker import episode_rewards
+    from asyncrl.wire.schema import PromptGroup
 
+    env, limits = build_env(cfg), episode_limits(cfg)
     records: list[dict | None] = [None] * len(problems)
     for s, idx in plan(problems, cfg).items():
-        params = SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop_token_ids=(tok.eos_token_id,))
+        params = SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
         for b in range(0, len(idx), batch_size):
             chunk = idx[b : b + batch_size]
-            outs = engine.generate([prompt_ids(problems[i], tok) for i in chunk], params)
-            for i, comps in zip(chunk, outs):
-                texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+            groups = [PromptGroup(group_id=i, prompt_ids=prompt_ids(problems[i], tok), ground_truth=problems[i].ground_truth,
+                                  data_source=problems[i].data_source) for i in chunk]
+            episodes = run_episodes(engine, tok, env, groups, params, limits, tools=tools)
+            scores = iter(episode_rewards([e for eps in episodes for e in eps], tok, rewards, s.max_tokens, train=False))
+            for i, eps in zip(chunk, episodes):
                 p = problems[i]
-                scores = rewards.score([(p.data_source, t, p.ground_truth) for t in texts])
-                records[i] = {"data_source": p.data_source, "temperature": s.temperature,
-                              "ground_truth": p.ground_truth, "rewards": scores, "responses": texts}
+                records[i] = {"data_source": p.data_source, "temperature": s.temperature, "ground_truth": p.ground_truth,
+                              "rewards": [next(scores) for _ in eps],
+                              "responses": [tok.decode(e.token_ids, skip_special_tokens=True) for e in eps]}
     summary = summarize_rewards(problems, [r["rewards"] for r in records], samples_per_problem(cfg))
     return summary, records
 

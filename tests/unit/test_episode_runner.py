@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncrl.envs import EpisodeLimits, Finish, Observation, ToolEnv, ToolSyntax, run_episodes
+from asyncrl.envs import EpisodeLimits, Finish, Observation, ToolEnv, ToolSyntax, build_env, episode_limits, run_episodes
 from asyncrl.generator.engine import Completion, GenerationInterrupted, SamplingParams
 from asyncrl.generator.worker import Worker, run_prompts
 from asyncrl.tasks.tokenizer import ASCII, build_char_tokenizer
@@ -304,3 +304,32 @@ def test_tool_calls_through_the_real_tool_pool():
     assert (a.finish_reason, a.turns, b.turns) == ("stop", 3, 2)
     with pytest.raises(ValueError, match="unknown tool"):
         build_tools(load_config("quickstart", ["env.type=tools", "env.tools=[{name: abacus, start: '(', end: ')'}]"]))
+
+
+def test_standalone_eval_runs_tool_episodes_as_the_in_training_eval_does():
+    """``python -m asyncrl.eval``'s ``run_eval`` on a tools task: the same episodes (tool
+    outputs in the response) and rewards as the generators' path the in-training
+    evaluation takes (``run_prompts`` of an eval request). Before, it sampled one answer
+    per sample and scored the first turn: here 0/2 instead of 1/2."""
+    from asyncrl.config import load_config
+    from asyncrl.eval.sampling import run_eval
+    from asyncrl.rewards import RewardPool
+    from asyncrl.tasks import Problem
+
+    cfg = load_config("quickstart", ["env.type=tools", "env.tools=[{name: calculator, start: '(', end: ')'}]",
+                                     "env.output_template=={output};", "env.max_turns=3", "eval.k=2",
+                                     "eval.temperature=1.0", "eval.max_tokens=64"])
+    pool = FakeTools()
+    g = group(-1, "P:")
+    problem = Problem(prompt="", ground_truth=g.ground_truth, data_source=g.data_source, prompt_ids=tuple(g.prompt_ids))
+    summary, [record] = run_eval(ScriptedEngine(THREE_TURNS), TOK, [problem], cfg, RewardPool(0), tools=pool)
+    assert record["rewards"] == [1.0, 0.0]
+    assert record["responses"] == ["".join(a + b for a, b in zip(TURNS, [*OBS, ""])).replace("$", ""), "#7"]
+    assert summary["average"]["mean@2"] == 0.5
+
+    msg = Prompts(groups=[g], min_version=0, n=2, temperature=1.0, top_p=1.0, max_tokens=64, purpose="eval")
+    [(header, frames)] = run_prompts(ScriptedEngine(THREE_TURNS), TOK, msg, 0, env=build_env(cfg),
+                                     limits=episode_limits(cfg), tools=pool)
+    assert [s.reward for s in header.samples] == record["rewards"]
+    arrays = trajectory_arrays(header, [bytes(f) for f in frames])
+    assert [TOK.decode(a.token_ids, skip_special_tokens=True) for a in arrays] == record["responses"]

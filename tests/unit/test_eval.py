@@ -3,6 +3,7 @@ pass@k against a hand computation, on the benchmark-format samples."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,26 @@ class CharTok:
 
 
 class RecordingEngine:
-    """Answers the first CORRECT[...] samples right (boxed truth), the rest wrong, and
-    records the SamplingParams each prompt was sampled with."""
+    """Answers the first CORRECT[...] samples of a problem right (boxed truth), the rest
+    wrong, and records the sampling parameters each problem was sampled with (samples:
+    its episodes, one row each, times ``n``)."""
 
     def __init__(self, problems):
         self.by_ids = {p.prompt_ids: (p, n) for p, n in problems}
         self.asked: list[tuple[str, float, float, int]] = []
 
-    def generate(self, prompts, params):
-        out = []
+    def generate(self, prompts, params, between_steps=None):
+        out, copies = [], Counter(tuple(ids) for ids in prompts)
+        for key, count in copies.items():
+            p = self.by_ids[key][0]
+            self.asked.append((p.data_source, params.temperature, params.top_p, count * params.n))
+        seen: Counter = Counter()
         for ids in prompts:
             p, n_right = self.by_ids[tuple(ids)]
-            self.asked.append((p.data_source, params.temperature, params.top_p, params.n))
-            texts = [rf"so \boxed{{{p.ground_truth}}}" if j < n_right else r"\boxed{-17}" for j in range(params.n)]
+            texts = []
+            for _ in range(params.n):
+                texts.append(rf"so \boxed{{{p.ground_truth}}}" if seen[p.prompt_ids] < n_right else r"\boxed{-17}")
+                seen[p.prompt_ids] += 1
             out.append([Completion([ord(c) for c in t], [0.0] * len(t), [0] * len(t), "stop") for t in texts])
         return out
 

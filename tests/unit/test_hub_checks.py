@@ -114,15 +114,17 @@ EVAL_PROBLEMS = [Problem(prompt="", ground_truth="1", data_source=src, prompt_id
 
 
 class RecordingEngine:
-    """``run_eval``'s engine: records (data_source, SamplingParams) per prompt."""
+    """``run_eval``'s engine: records per data_source (samples, temperature, top_p,
+    max_tokens); samples = the problem's episodes in the call (a row each) times ``n``."""
 
     def __init__(self) -> None:
         self.asked: dict[str, tuple] = {}
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, between_steps=None):
         for ids in prompts:
             p = EVAL_PROBLEMS[ids[-1]]
-            self.asked[p.data_source] = (params.n, params.temperature, params.top_p, params.max_tokens)
+            samples = params.n * sum(list(other) == list(ids) for other in prompts)
+            self.asked[p.data_source] = (samples, params.temperature, params.top_p, params.max_tokens)
         return [[Completion([7], [-0.1], [0], "stop")] * params.n for _ in prompts]
 
 
