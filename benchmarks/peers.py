@@ -5,7 +5,9 @@ exactly the quickstart workload, and this workload's limit (the learner alone).
     python benchmarks/peers.py --steps 60 --seeds 0 1
     python benchmarks/peers.py --steps 6 --seeds 0 --eval-size 64   # a smoke run
 
-For every seed it runs, one at a time, each in its own process tree:
+For every seed it runs, one at a time, each in its own process tree (in the order given
+for the first seed, reversed for the second, and so on: a drift of the machine's speed
+over the run then weighs on every setup alike):
 
 - ``trl``, ``trl_mb64``: TRL's GRPOTrainer on the quickstart's base model, tokenizer,
   prompts (the same stream, in order) and verifier (``asyncrl.tasks``);
@@ -357,8 +359,9 @@ SETUPS = {"trl": "TRL GRPOTrainer", "trl_mb64": "TRL, micro-batch 64", "asyncrl"
 TRL = {"trl": 256, "trl_mb64": 64}
 # asyncrl setup -> (shipped config, overrides). asyncrl_1gen is the quickstart's earlier
 # layout, one two-thread generator: two one-thread processes use 2 cores better (small
-# decode ops barely parallelise across threads); benchmarks/results/peers.json has both
-# (there "asyncrl" is the one-generator layout and "asyncrl_2gen" today's quickstart)
+# decode ops barely parallelise across threads); benchmarks/results/peers.json as of
+# commit ddf092f has both (there "asyncrl" is the one-generator layout, "asyncrl_2gen"
+# today's quickstart)
 ASYNCRL = {"asyncrl": ("quickstart", []), "asyncrl_async": ("quickstart_async", []),
            "asyncrl_1gen": ("quickstart", ["generator.num_workers=1", "generator.threads=2"])}
 
@@ -474,9 +477,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log.info("runs under %s", work)
     runs, limit, record_dir = [], None, None
-    for seed in a.seeds:
+    for i, seed in enumerate(a.seeds):
         before = evaluate(str(BASE), seed, a.eval_size, work, "base")
-        for setup in a.setups:
+        # every other seed runs the setups in reverse order: the machine's speed drifts over
+        # minutes, and a fixed order would hand the same phase to the same setup every seed
+        for setup in a.setups if i % 2 == 0 else a.setups[::-1]:
             if setup in TRL:
                 r = run_trl(setup, seed, a.steps, a.threads, work, per_step)
             else:
