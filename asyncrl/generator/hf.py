@@ -65,6 +65,20 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
 
 
+def distinct_rows(rows: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(index of the first row of each distinct token list, in order; for every row the
+    position of its token list in that list)."""
+    first: dict[tuple[int, ...], int] = {}
+    distinct, copy_of = [], []
+    for i, row in enumerate(rows):
+        key = tuple(row)
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(i)
+        copy_of.append(first[key])
+    return distinct, copy_of
+
+
 class _BufferLayer(DynamicLayer):
     """A cache layer over a buffer sized for the whole generation: a decode step writes
     its keys and values in place, where the stock layer concatenates and so copies the
@@ -141,7 +155,9 @@ class HFEngine:
         cache is rebuilt with them (one prefill over prompt + tokens so far), so every
         token after the update is sampled exactly from the new policy.
 
-        The prefill runs each prompt once and copies its KV cache to its ``n`` rows.
+        The prefill runs each distinct prompt once and copies its KV cache to its rows:
+        its ``n`` samples, and any other row with the same tokens (the episode runner
+        passes a group's ``n`` episodes as ``n`` equal prompts of one sample each).
         Rows that have finished leave the decoder's batch (with their KV-cache rows) once
         at most half of it is still decoding, so a few long answers do not keep the whole
         batch running. Every row still takes its draw from the sampling stream at every
@@ -157,6 +173,7 @@ class HFEngine:
                              "use delimiters that are one token each, or generator.engine=vllm")
         rows = [p for p in prompts for _ in range(params.n)]
         B, P, T = len(rows), max(len(p) for p in rows), params.max_tokens
+        distinct, copy_of = distinct_rows(rows)
         cap = torch.tensor([params.limit(i // params.n) for i in range(B)], device=self.device)
         prompt = torch.full((B, P), self.pad_id, dtype=torch.long)
         attn = torch.ones((B, P + T), dtype=torch.long)  # generated positions: always attended
@@ -180,15 +197,16 @@ class HFEngine:
                 cache, cache_version = BufferCache(self.num_layers, P + T), self.version
                 step_ids = torch.cat([prompt, tokens[:, :t]], dim=-1)[live]
                 step_pos = (attn[live, : P + t].cumsum(-1) - 1).clamp(min=0)
-            once = t == 0 and params.n > 1  # the prefill: each prompt once, its n rows copy cache and logits
-            pick = slice(None, None, params.n) if once else slice(None)
+            once = t == 0 and len(distinct) < B  # the prefill: each distinct prompt once, its rows copy it
+            pick = torch.tensor(distinct, device=self.device) if once else slice(None)
             logits = self.model(
                 input_ids=step_ids[pick], attention_mask=attn[live, : P + t][pick] if padded else None,
                 position_ids=step_pos[pick], use_cache=True, **self.keep_last, **{self.cache_kw: cache},
             ).logits[:, -1]
             if once:
-                logits = logits.repeat_interleave(params.n, 0)
-                cache.batch_select_indices(torch.arange(B // params.n, device=self.device).repeat_interleave(params.n))
+                copies = torch.tensor(copy_of, device=self.device)
+                logits = logits.index_select(0, copies)
+                cache.batch_select_indices(copies)
             if len(live) < B:  # rows that left draw too (from any distribution): the stream stays aligned
                 logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, live, logits)
             tok, logp = self._pick(logits, params)

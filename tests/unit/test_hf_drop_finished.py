@@ -88,19 +88,24 @@ def test_weight_update_after_rows_left(model_dirs):
 
 
 def test_prefill_runs_each_prompt_once(model_dirs):
-    """The prefill computes each prompt once (n rows copy its cache): the first forward
-    has one row per prompt, and the samples are those of the same prompts repeated
-    n times with n = 1 (which prefills every row), left padding included."""
+    """The prefill computes each distinct prompt once (its rows copy its cache): the first
+    forward has one row per prompt, both for n samples of a prompt and for the same
+    prompt passed n times with n = 1 (how the episode runner passes a group's episodes:
+    before, that prefilled every row), and the samples are the same, left padding
+    included. Distinct prompts are each prefilled."""
     tok = load_tokenizer(str(model_dirs[0]))
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     grouped = SamplingParams(n=6, max_tokens=16, temperature=1.2, stop_token_ids=(tok.eos_token_id,))
     single = SamplingParams(n=1, max_tokens=16, temperature=1.2, stop_token_ids=(tok.eos_token_id,))
     once = HFEngine(load_model(str(model_dirs[0])), pad_id=tok.pad_token_id, seed=3)
-    every = HFEngine(load_model(str(model_dirs[0])), pad_id=tok.pad_token_id, seed=3)
-    shapes_once, shapes_every = input_shapes(once), input_shapes(every)
+    repeated = HFEngine(load_model(str(model_dirs[0])), pad_id=tok.pad_token_id, seed=3)
+    shapes_once, shapes_repeated = input_shapes(once), input_shapes(repeated)
     a = once.generate(prompts, grouped)
-    b = every.generate([p for p in prompts for _ in range(6)], single)
-    assert shapes_once[0] == (len(prompts), max(map(len, prompts))) and shapes_every[0][0] == 6 * len(prompts)
-    assert shapes_once[1][0] == 6 * len(prompts)  # then every row decodes
+    b = repeated.generate([p for p in prompts for _ in range(6)], single)
+    assert shapes_once[0] == (len(prompts), max(map(len, prompts))) == shapes_repeated[0]
+    assert shapes_once[1][0] == 6 * len(prompts) == shapes_repeated[1][0]  # then every row decodes
     assert_same_samples(a, b)
+    start = len(shapes_repeated)
+    repeated.generate(prompts + prompts[:1], single)  # distinct ones each, a repeat anywhere once
+    assert shapes_repeated[start][0] == len(prompts) and shapes_repeated[start + 1][0] == len(prompts) + 1
     assert len({tuple(c.token_ids) for c in flat(a)}) > len(prompts)  # the rows of a prompt sample apart
