@@ -38,9 +38,11 @@ def prepare(address: str) -> None:
 def check_not_rewritten(address: str) -> None:
     """After Ray is imported, before ``ray.init``: raise where Ray would rewrite a loopback
     ``address`` (and so never connect)."""
-    from ray._private import ray_constants
+    if not (address and is_loopback(address)):
+        return
+    from ray._private import ray_constants  # private: read for loopback addresses only
 
-    if address and is_loopback(address) and ray_constants.ENABLE_RAY_CLUSTER:
+    if ray_constants.ENABLE_RAY_CLUSTER:
         raise RuntimeError(
             f"cluster.address={address} is on loopback, but Ray was imported without {ENV}=0 and would "
             "connect to this machine's external address instead, retrying forever: set "
