@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(cfg.model.path)
     engine = HFEngine(load_model(cfg.model.path, cfg.model.dtype), pad_id=tok.pad_token_id, seed=cfg.run.seed)
     problems = build_eval_problems(cfg, tok)
-    check_stops(build_env(cfg), tok, "hf")  # the environment's delimiters: single tokens for the hf engine
+    env = build_env(cfg)
+    check_stops(env, tok, "hf")  # the environment's delimiters: single tokens for the hf engine
     pooled = cfg.data.eval_files or cfg.task.name == "reasoning_gym"  # scorers that may hang run in processes
     rewards = RewardPool(cfg.data.reward_processes if pooled else 0, cfg.data.reward_timeout_s)
     tools = build_tools(cfg)  # env.type tools: the pool that runs the episodes' tool calls
     try:
-        summary, records = run_eval(engine, tok, problems, cfg, rewards, tools=tools)
+        summary, records = run_eval(engine, tok, problems, cfg, rewards, tools=tools, env=env)
     finally:
         rewards.close()
         if tools is not None:

@@ -79,11 +79,12 @@ def prompt_ids(p: Problem, tok) -> list[int]:
 
 
 def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, batch_size: int = 64,
-             tools=None) -> tuple[dict, list]:
+             tools=None, env=None) -> tuple[dict, list]:
     """Sample and score ``problems`` in process with ``engine`` (the Engine protocol), as
     episodes of ``cfg.env`` (single-turn: one answer per sample; with tools, turns and tool
-    outputs interleaved, ``tools`` the pool that runs them) through the generators' own
-    episode runner and rewards, so multi-turn tasks score here as in training.
+    outputs interleaved, ``tools`` the pool that runs them; ``env``: the caller's, else
+    built from ``cfg``) through the generators' own episode runner and rewards, so
+    multi-turn tasks score here as in training.
 
     Returns (summary, records): one record per problem with its source, temperature,
     rewards and responses (each episode's tokens, tool outputs included, as text)."""
@@ -92,7 +93,7 @@ def run_eval(engine, tok, problems: Sequence[Problem], cfg: Config, rewards, bat
     from asyncrl.generator.worker import episode_rewards
     from asyncrl.wire.schema import PromptGroup
 
-    env, limits = build_env(cfg), episode_limits(cfg)
+    env, limits = env if env is not None else build_env(cfg), episode_limits(cfg)
     records: list[dict | None] = [None] * len(problems)
     for s, idx in plan(problems, cfg).items():
         params = SamplingParams(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
