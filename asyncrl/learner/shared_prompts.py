@@ -48,12 +48,14 @@ def prefix_lengths(targets: Tensor) -> list[int]:
     return [int(f) + 1 if f < targets.shape[1] else 0 for f in first.tolist()]
 
 
-def plan_units(input_ids: Tensor, targets: Tensor, capacity: int = 0) -> list[Unit]:
+def plan_units(input_ids: Tensor, targets: Tensor, capacity: int = 0, lengths: list[int] | None = None) -> list[Unit]:
     """Consecutive rows with the same prefix (length and tokens) as one unit, a unit
     no longer than ``capacity`` tokens (0 = no limit; a unit that would grow past it
     starts a new one with its own copy of the prefix). Rows with nothing to score are
-    left out; a unit of one sample shares nothing."""
-    lengths, prefixes = row_lengths(targets).tolist(), prefix_lengths(targets)
+    left out; a unit of one sample shares nothing. ``lengths``: the rows'
+    :func:`row_lengths` where the caller has them already."""
+    lengths = row_lengths(targets).tolist() if lengths is None else lengths
+    prefixes = prefix_lengths(targets)
     kept = [i for i, n in enumerate(lengths) if n]
     same = _same_prefix_as_previous(input_ids, kept, prefixes)
     units: list[list[int]] = []
@@ -120,7 +122,7 @@ def pack_shared(input_ids: Tensor, targets: Tensor, pad_id: int, capacity: int =
     tensor (a copy per span cost 2 ms a quickstart micro-batch)."""
     B, L = input_ids.shape
     lengths = row_lengths(targets).tolist()
-    units = plan_units(input_ids, targets, capacity)
+    units = plan_units(input_ids, targets, capacity, lengths)
     rows, width = layout_rows(units, lengths, capacity)
     R, dev = max(len(rows), 1), input_ids.device
     src: list[int] = []  # per packed position written: its flat (B, L) source position
@@ -179,7 +181,7 @@ def shared_positions(input_ids: Tensor, targets: Tensor, capacity: int) -> tuple
     """(real tokens of the padded rows, positions the shared layout computes, of them
     padding), without building it: what ``perf/padding_frac`` and ``perf/shared_frac`` count."""
     lengths = row_lengths(targets).tolist()
-    units = plan_units(input_ids, targets, capacity)
+    units = plan_units(input_ids, targets, capacity, lengths)
     rows, width = layout_rows(units, lengths, capacity)
     used = sum(u.length(lengths) for u in units)
     computed = max(len(rows), 1) * width
